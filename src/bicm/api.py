@@ -1,0 +1,456 @@
+"""The public API: :class:`Grounder` (BiCM: QAM + COM + SF) and its config and results.
+
+>>> from bicm import Grounder
+>>> g = Grounder.from_pretrained("ViT-B-32", "openai")            # or checkpoint="clip.pt"
+>>> r = g.ground("photo.jpg", "the bird on the left", proposals=boxes_xyxy)
+>>> r.box, r.score
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from .backbone import Backbone, load_backbone, preprocess
+from .com import ClassNameEncoder, ComMode, bottom_up, encode_crops
+from .errors import BicmError, warn
+from .fusion import SELECTION_POLICIES, SelectionPolicy, box_means, fuse, integral_image, select
+from .imageio import ImageSource, load_image
+from .proposals import Proposals
+from .qam import AttentionMaps, MapKind, RegionRule, compute_maps, threshold_box
+
+__all__ = ["BiCMConfig", "Candidates", "GroundingResult", "Grounder", "COMPONENTS"]
+
+COMPONENTS: tuple[str, ...] = ("qam", "com", "sf")
+
+Box = tuple[float, float, float, float]
+ProposalsLike = Union[Proposals, torch.Tensor, Sequence[Sequence[float]], None]
+
+
+@dataclass(frozen=True)
+class BiCMConfig:
+    """Settings of the method; defaults are the paper's (Sec. 4.1).
+
+    Attributes
+    ----------
+    components: which of ``"qam"``, ``"com"``, ``"sf"`` run (Table 4). SF needs QAM.
+    thr_a: threshold on the normalised map for the QAM box ``P_t`` (0.7).
+    lambda_t: weight of the top-down score ``S_TD`` (1000, on the raw map scale).
+    lambda_k: weight of the KAM score (1).
+    attention: ``"qa"`` query-aware map (QAM) or ``"va"`` vanilla visual attention (Table 5).
+    region_rule: how ``P_t`` is cut from the thresholded map (``"largest"`` connected region,
+        ``"peak"`` region, or ``"all"`` pixels).
+    com_mode: ``"both"`` (S_PQ + S_CQ), ``"class"`` (S_CQ) or ``"visual"`` (S_PQ) (Table 6).
+    td_scale: ``"raw"`` map (paper) or ``"normalized"`` for ``S_TD``.
+    selection: ``"argmax"``, ``"union-above-mean"`` (Flickr30K) or ``"largest-above-mean"``.
+    class_prompt: template for class names, ``"{}"`` = the bare name.
+    crop_batch_size: crops per CLIP forward.
+    min_box_size: boxes narrower or shorter than this (pixels, after clipping) are dropped.
+    qam_resize, crop_resize: override the model's resize mode (``"shortest"`` + center
+        crop, ``"squash"``, ``"longest"`` + pad) for the whole-image view and for crops.
+    """
+
+    components: tuple[str, ...] = COMPONENTS
+    thr_a: float = 0.7
+    lambda_t: float = 1000.0
+    lambda_k: float = 1.0
+    attention: MapKind = "qa"
+    region_rule: RegionRule = "largest"
+    com_mode: ComMode = "both"
+    td_scale: str = "raw"
+    selection: SelectionPolicy = "argmax"
+    class_prompt: str = "{}"
+    crop_batch_size: int = 64
+    min_box_size: float = 1.0
+    qam_resize: Optional[str] = None
+    crop_resize: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        comps = tuple(dict.fromkeys(str(c).strip().lower() for c in self.components if str(c).strip()))
+        object.__setattr__(self, "components", comps)
+        unknown = [c for c in comps if c not in COMPONENTS]
+        if unknown or not comps:
+            raise BicmError(f"unknown components {unknown or comps}; choose from qam, com, sf")
+        if "sf" in comps and "qam" not in comps:
+            raise BicmError("SF fuses the QAM map into the scores: add qam to the components")
+        checks = {
+            "attention": (self.attention, ("qa", "va")),
+            "region rule": (self.region_rule, ("largest", "peak", "all")),
+            "COM mode": (self.com_mode, ("both", "class", "visual")),
+            "top-down scale": (self.td_scale, ("raw", "normalized")),
+            "selection policy": (self.selection, SELECTION_POLICIES),
+        }
+        for what, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise BicmError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+        if not 0.0 <= self.thr_a <= 1.0:
+            raise BicmError(f"thr_a must be within [0, 1], got {self.thr_a}")
+        if self.crop_batch_size < 1:
+            raise BicmError("crop batch size must be at least 1")
+        if self.class_prompt.count("{}") != 1:
+            raise BicmError(f"class prompt must contain exactly one {{}}, got {self.class_prompt!r}")
+
+    def replace(self, **changes: Any) -> "BiCMConfig":
+        return replace(self, **changes)
+
+
+@dataclass
+class Candidates:
+    """The boxes one query chose from, with every component score.
+
+    Attributes
+    ----------
+    boxes: ``(K, 4)`` xyxy pixels. The QAM box ``P_t`` (if any) is last.
+    class_names: one per box (``None`` where unknown).
+    qam_index: index of ``P_t`` in ``boxes``, or ``None``.
+    s_pq, s_cq, s_td: ``(K,)`` component scores, ``None`` where that component did not run.
+    fused: ``(K,)`` the score the selection used.
+    """
+
+    boxes: torch.Tensor
+    class_names: list[Optional[str]]
+    qam_index: Optional[int]
+    s_pq: Optional[torch.Tensor]
+    s_cq: Optional[torch.Tensor]
+    s_td: Optional[torch.Tensor]
+    fused: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def to_list(self) -> list[dict[str, Any]]:
+        rows = []
+        for i in range(len(self)):
+            row: dict[str, Any] = {
+                "box": [round(float(v), 2) for v in self.boxes[i].tolist()],
+                "class_name": self.class_names[i],
+                "source": "qam" if i == self.qam_index else "proposal",
+            }
+            for name in ("s_pq", "s_cq", "s_td"):
+                value = getattr(self, name)
+                row[name] = None if value is None else float(value[i])
+            row["score"] = float(self.fused[i])
+            rows.append(row)
+        return rows
+
+
+@dataclass
+class GroundingResult:
+    """What :meth:`Grounder.ground` found for one query.
+
+    Attributes
+    ----------
+    query: the phrase.
+    box: chosen ``(x1, y1, x2, y2)`` in original-image pixels, or ``None`` when there was
+        nothing to choose from (no proposals and a flat QAM map).
+    score: fused score of the chosen candidate (the highest among a union).
+    selected: indices into ``candidates`` that make ``box``.
+    candidates: every candidate with its component scores.
+    attention_raw: ``(H, W)`` map on its own scale, or ``None`` without QAM.
+    attention: ``(H, W)`` min-max normalised map, or ``None``.
+    qam_box: ``P_t`` or ``None``.
+    s_iq: whole-image / query cosine similarity (QAM's Eq. 2), or ``None``.
+    view_box: the part of the image CLIP's whole-image view covers (its center crop), or
+        ``None`` without QAM; the map is 0 outside it.
+    components: the components that ran.
+    image_size: ``(width, height)``.
+    notes: things worth knowing about this result (e.g. COM without class names).
+    """
+
+    query: str
+    box: Optional[Box]
+    score: Optional[float]
+    selected: list[int]
+    candidates: Candidates
+    attention_raw: Optional[torch.Tensor]
+    attention: Optional[torch.Tensor]
+    qam_box: Optional[Box]
+    s_iq: Optional[float]
+    view_box: Optional[Box]
+    components: tuple[str, ...]
+    image_size: tuple[int, int]
+    selection: str = "argmax"
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self, candidates: bool = True) -> dict[str, Any]:
+        """JSON-ready dict (no maps)."""
+        out: dict[str, Any] = {
+            "query": self.query,
+            "box": None if self.box is None else [round(v, 2) for v in self.box],
+            "score": self.score,
+            "selected": self.selected,
+            "components": list(self.components),
+            "selection": self.selection,
+            "qam_box": None if self.qam_box is None else [round(v, 2) for v in self.qam_box],
+            "s_iq": self.s_iq,
+            "view_box": None if self.view_box is None else [round(v, 2) for v in self.view_box],
+            "image_size": list(self.image_size),
+            "notes": self.notes,
+        }
+        if candidates:
+            out["candidates"] = self.candidates.to_list()
+        return out
+
+
+class Grounder:
+    """BiCM without training: QAM + COM + SF over a CLIP backbone.
+
+    Parameters
+    ----------
+    backbone: a loaded :class:`~bicm.backbone.Backbone`.
+    config: :class:`BiCMConfig` (paper defaults).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: Optional[BiCMConfig] = None,
+        *,
+        class_names: Optional[ClassNameEncoder] = None,
+    ) -> None:
+        self.backbone = backbone
+        self.config = config or BiCMConfig()
+        if class_names is None or class_names.template != self.config.class_prompt:
+            class_names = ClassNameEncoder(backbone, self.config.class_prompt)
+        self.class_names = class_names
+        if "qam" in self.config.components:
+            problem = backbone.vit_problem()
+            if problem:
+                raise BicmError(problem)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Optional[str] = None,
+        pretrained: Optional[str] = None,
+        *,
+        checkpoint: Union[str, Path, None] = None,
+        device: str = "auto",
+        amp: Optional[str] = None,
+        quick_gelu: Optional[bool] = None,
+        config: Optional[BiCMConfig] = None,
+        **overrides: Any,
+    ) -> "Grounder":
+        """Load a backbone (see :func:`bicm.backbone.load_backbone`) and build a Grounder.
+
+        Keyword ``overrides`` replace fields of ``config``, e.g. ``components=("com",)``.
+        """
+        config = (config or BiCMConfig()).replace(**overrides) if overrides else (config or BiCMConfig())
+        backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
+        return cls(backbone, config)
+
+    def with_config(self, **changes: Any) -> "Grounder":
+        """A Grounder on the same backbone (and class-name cache) with some settings changed."""
+        return Grounder(self.backbone, self.config.replace(**changes), class_names=self.class_names)
+
+    # ------------------------------------------------------------------------------------
+    def ground(self, image: Union[ImageSource, Image.Image], query: str, proposals: ProposalsLike = None) -> GroundingResult:
+        """Ground one phrase. See :meth:`ground_many`."""
+        return self.ground_many(image, [query], proposals)[0]
+
+    def ground_many(
+        self, image: Union[ImageSource, Image.Image], queries: Sequence[str], proposals: ProposalsLike = None
+    ) -> list[GroundingResult]:
+        """Ground several phrases in one image, sharing all per-image work.
+
+        Parameters
+        ----------
+        image: path or PIL image (converted to RGB; EXIF orientation applied).
+        queries: phrases, e.g. ``["the bird on the left", "a red ball"]``.
+        proposals: :class:`~bicm.proposals.Proposals`, or an ``(N, 4)`` xyxy tensor / list,
+            or ``None`` (QAM's box alone). Boxes outside the image are clipped, degenerate
+            ones dropped (with a warning).
+
+        Returns
+        -------
+        One :class:`GroundingResult` per query, in order.
+        """
+        cfg = self.config
+        queries = _check_queries(queries)
+        pil = load_image(image)
+        width, height = pil.size
+        props = _as_proposals(proposals)
+        cleaned = props.sanitize(width, height, cfg.min_box_size)
+        if cleaned.n_clipped:
+            warn(f"{cleaned.n_clipped} proposal box(es) reach outside the {width}x{height} image; clipped")
+        if cleaned.n_dropped:
+            warn(f"{cleaned.n_dropped} degenerate proposal box(es) dropped (empty, inverted or under {cfg.min_box_size:g} px)")
+        props = cleaned.proposals
+
+        comps = cfg.components
+        use_qam, use_com, use_sf = "qam" in comps, "com" in comps, "sf" in comps
+        use_props = (use_com or use_sf) and len(props) > 0
+        notes: list[str] = []
+        if (use_com or use_sf) and len(props) == 0:
+            if not use_qam:
+                raise BicmError("no proposals and QAM is off: nothing to choose from (pass proposals or add qam)")
+            notes.append("no proposals: QAM's box is the only candidate")
+        if use_com and cfg.com_mode == "class" and use_props and not props.fully_named:
+            raise BicmError("COM in class-name mode needs proposals that all have class names")
+
+        text = self.backbone.encode_text(queries)  # (Q, E)
+        q = len(queries)
+
+        maps: Optional[AttentionMaps] = None
+        view_box: Optional[Box] = None
+        qam_boxes: list[Optional[Box]] = [None] * q
+        if use_qam:
+            pixels, geometry = preprocess(pil, self.backbone.spec.with_resize_mode(cfg.qam_resize))
+            view_box = geometry.visible_box()
+            maps = compute_maps(self.backbone, pixels, geometry, text, cfg.attention)
+            qam_boxes = _qam_boxes(maps, cfg)
+            if not any(qam_boxes):
+                notes.append("the attention map is flat: QAM proposes no box")
+
+        base = props.boxes.to(self.backbone.device) if use_props else torch.zeros(0, 4, device=self.backbone.device)
+        n = base.shape[0]
+        use_visual = use_com and cfg.com_mode in ("both", "visual")
+        use_names = use_com and cfg.com_mode in ("both", "class") and use_props and props.fully_named
+        if use_com and cfg.com_mode == "both" and use_props and not use_names:
+            notes.append("proposals carry no class names for every box: COM used S_PQ alone")
+
+        crop_spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
+        s_pq = s_cq = None
+        if use_visual:
+            feats = encode_crops(self.backbone, pil, base, crop_spec, cfg.crop_batch_size)
+            s_pq = text @ feats.T  # (Q, N)
+        if use_names:
+            names_feats = self.class_names([c or "" for c in props.class_names or []])
+            s_cq = text @ names_feats.T  # (Q, N)
+
+        # QAM box per query: S_PQ from its crop, class name of the max-S_CQ proposal
+        qam_pq = torch.full((q,), float("nan"), device=self.backbone.device)
+        qam_cq = torch.full((q,), float("nan"), device=self.backbone.device)
+        qam_names: list[Optional[str]] = [None] * q
+        present = [i for i, b in enumerate(qam_boxes) if b is not None]
+        if use_visual and present:
+            unique = sorted({qam_boxes[i] for i in present})  # the VA map gives every query the same box
+            feats = encode_crops(self.backbone, pil, torch.tensor(unique), crop_spec, cfg.crop_batch_size)
+            for i in present:
+                qam_pq[i] = text[i] @ feats[unique.index(qam_boxes[i])]
+        if s_cq is not None and n > 0:
+            best = s_cq.argmax(dim=1)
+            qam_cq = s_cq.gather(1, best[:, None]).squeeze(1)
+            qam_names = [props.class_names[int(j)] for j in best.tolist()]  # type: ignore[index]
+
+        td_table = None
+        if maps is not None:
+            td_table = integral_image(maps.raw if cfg.td_scale == "raw" else maps.normalized)
+        s_td_props = box_means(td_table, base) if td_table is not None else None  # (Q, N)
+
+        results = []
+        for i, query in enumerate(queries):
+            boxes = base
+            names: list[Optional[str]] = list(props.class_names or [None] * n) if use_props else []
+            pq = s_pq[i] if s_pq is not None else None
+            cq = s_cq[i] if s_cq is not None else None
+            td = s_td_props[i] if s_td_props is not None else None
+            qam_index = None
+            if qam_boxes[i] is not None:
+                qam_index = boxes.shape[0]
+                qb = torch.tensor([qam_boxes[i]], dtype=torch.float32, device=boxes.device)
+                boxes = torch.cat([boxes, qb])
+                names.append(qam_names[i])
+                pq = None if pq is None else torch.cat([pq, qam_pq[i : i + 1]])
+                cq = None if cq is None else torch.cat([cq, qam_cq[i : i + 1]])
+                if td_table is not None:
+                    td = torch.cat([td, box_means(td_table[i : i + 1], qb)[0]])
+            if boxes.shape[0] == 0:
+                results.append(_empty_result(query, maps, i, view_box, comps, (width, height), cfg, notes))
+                continue
+            s_bu = bottom_up(pq, cq) if use_com else None
+            if s_bu is None and not use_sf:
+                fused = td * cfg.lambda_t  # QAM alone: its one box, scored top-down
+            else:
+                fused = fuse(s_bu, td if use_sf else None, cfg.lambda_t)
+            box, chosen = select(boxes, fused, cfg.selection)
+            cands = Candidates(
+                boxes=boxes.cpu(),
+                class_names=names,
+                qam_index=qam_index,
+                s_pq=None if pq is None else pq.cpu(),
+                s_cq=None if cq is None else cq.cpu(),
+                s_td=None if td is None else td.cpu(),
+                fused=fused.cpu(),
+            )
+            results.append(
+                GroundingResult(
+                    query=query,
+                    box=box,
+                    score=float(fused[chosen].max()),
+                    selected=chosen,
+                    candidates=cands,
+                    attention_raw=None if maps is None else maps.raw[i].cpu(),
+                    attention=None if maps is None else maps.normalized[i].cpu(),
+                    qam_box=qam_boxes[i],
+                    s_iq=None if maps is None else float(maps.s_iq[i]),
+                    view_box=view_box,
+                    components=comps,
+                    image_size=(width, height),
+                    selection=cfg.selection,
+                    notes=list(notes),
+                )
+            )
+        return results
+
+
+def _qam_boxes(maps: AttentionMaps, cfg: BiCMConfig) -> list[Optional[Box]]:
+    if maps.kind == "va":  # one map for all queries
+        box = threshold_box(maps.normalized[0], cfg.thr_a, cfg.region_rule)
+        return [box] * maps.normalized.shape[0]
+    return [threshold_box(m, cfg.thr_a, cfg.region_rule) for m in maps.normalized]
+
+
+def _empty_result(query, maps, i, view_box, comps, size, cfg, notes) -> GroundingResult:
+    empty = torch.zeros(0)
+    return GroundingResult(
+        query=query,
+        box=None,
+        score=None,
+        selected=[],
+        candidates=Candidates(torch.zeros(0, 4), [], None, None, None, None, empty),
+        attention_raw=None if maps is None else maps.raw[i].cpu(),
+        attention=None if maps is None else maps.normalized[i].cpu(),
+        qam_box=None,
+        s_iq=None if maps is None else float(maps.s_iq[i]),
+        view_box=view_box,
+        components=comps,
+        image_size=size,
+        selection=cfg.selection,
+        notes=list(notes) + ["nothing to choose from: no box"],
+    )
+
+
+def _check_queries(queries: Iterable[str]) -> list[str]:
+    if isinstance(queries, str):
+        queries = [queries]
+    out = []
+    for i, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise BicmError(f"query {i + 1} is not text: {query!r}")
+        cleaned = " ".join(query.split())
+        if not cleaned:
+            raise BicmError(f"query {i + 1} is empty")
+        out.append(cleaned)
+    if not out:
+        raise BicmError("no query given")
+    return out
+
+
+def _as_proposals(proposals: ProposalsLike) -> Proposals:
+    if proposals is None:
+        return Proposals.empty()
+    if isinstance(proposals, Proposals):
+        return proposals
+    return Proposals(torch.as_tensor(proposals, dtype=torch.float32).reshape(-1, 4))
+
+
+def config_dict(config: BiCMConfig) -> dict[str, Any]:
+    """The config as plain JSON-ready data."""
+    out = asdict(config)
+    out["components"] = list(config.components)
+    return out

@@ -1,0 +1,114 @@
+"""Object proposals: the one type every proposal source returns, and its checks.
+
+Boxes are float ``xyxy`` in pixels of the original image (``x2``/``y2`` are exclusive
+edges: a box ``[0, 0, 10, 10]`` covers 10x10 pixels). Conversions from other formats
+happen where data enters (:meth:`Proposals.from_xywh`, the detections file reader).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torchvision.ops import box_convert
+
+from ..errors import BicmError
+
+__all__ = ["Proposals", "Sanitized"]
+
+BoxesLike = Union[torch.Tensor, Sequence[Sequence[float]]]
+
+
+@dataclass
+class Proposals:
+    """Candidate boxes of one image.
+
+    Attributes
+    ----------
+    boxes: ``(N, 4)`` float32, xyxy, original-image pixels.
+    scores: ``(N,)`` detector confidences, or ``None``.
+    class_names: one name per box (``None`` for a box without a name), or ``None`` when the
+        source names no box.
+    source: id of what made them (``"user"``, ``"file:dets.json"``, ...).
+    """
+
+    boxes: torch.Tensor
+    scores: Optional[torch.Tensor] = None
+    class_names: Optional[list[Optional[str]]] = None
+    source: str = "user"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        boxes = torch.as_tensor(self.boxes, dtype=torch.float32)
+        if boxes.numel() == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise BicmError(f"proposal boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+        if not torch.isfinite(boxes).all():
+            raise BicmError("proposal boxes contain NaN or infinite coordinates")
+        self.boxes = boxes
+        n = boxes.shape[0]
+        if self.scores is not None:
+            scores = torch.as_tensor(self.scores, dtype=torch.float32).reshape(-1)
+            if scores.shape[0] != n:
+                raise BicmError(f"{n} proposal boxes but {scores.shape[0]} scores")
+            self.scores = scores
+        if self.class_names is not None:
+            names = [None if c is None or str(c).strip() == "" else str(c).strip() for c in self.class_names]
+            if len(names) != n:
+                raise BicmError(f"{n} proposal boxes but {len(names)} class names")
+            self.class_names = names if any(c is not None for c in names) or n == 0 else None
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @classmethod
+    def from_xywh(cls, boxes: BoxesLike, **kwargs) -> "Proposals":
+        """Build from ``[x, y, width, height]`` boxes."""
+        b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        return cls(box_convert(b, "xywh", "xyxy"), **kwargs)
+
+    @classmethod
+    def empty(cls, source: str = "user") -> "Proposals":
+        return cls(torch.zeros(0, 4), source=source)
+
+    @property
+    def fully_named(self) -> bool:
+        """Every box has a class name (COM can use ``S_CQ``)."""
+        return self.class_names is not None and all(c is not None for c in self.class_names)
+
+    def subset(self, index: torch.Tensor) -> "Proposals":
+        index = torch.as_tensor(index, dtype=torch.long)
+        names = None if self.class_names is None else [self.class_names[i] for i in index.tolist()]
+        scores = None if self.scores is None else self.scores[index]
+        return Proposals(self.boxes[index], scores, names, self.source, dict(self.meta))
+
+    def sanitize(self, width: int, height: int, min_size: float = 1.0) -> "Sanitized":
+        """Clip boxes to the image and drop degenerate ones.
+
+        Boxes with ``x2 < x1`` or ``y2 < y1`` are degenerate, as are boxes whose clipped
+        width or height is below ``min_size`` pixels (including boxes fully outside).
+        """
+        b = self.boxes
+        clipped = b.clone()
+        clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+        clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+        changed = (clipped != b).any(dim=1)
+        inverted = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+        w = clipped[:, 2] - clipped[:, 0]
+        h = clipped[:, 3] - clipped[:, 1]
+        keep = (~inverted) & (w >= min_size) & (h >= min_size)
+        kept = Proposals(clipped, self.scores, self.class_names, self.source, dict(self.meta)).subset(
+            keep.nonzero().flatten()
+        )
+        return Sanitized(kept, n_clipped=int((changed & keep).sum()), n_dropped=int((~keep).sum()))
+
+
+@dataclass
+class Sanitized:
+    """Result of :meth:`Proposals.sanitize`."""
+
+    proposals: Proposals
+    n_clipped: int
+    n_dropped: int

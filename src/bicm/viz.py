@@ -1,0 +1,106 @@
+"""Pictures of results: the heatmap over the image, the candidates and the chosen box."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from .api import GroundingResult
+
+__all__ = ["save_visualization"]
+
+
+def save_visualization(
+    image: Image.Image,
+    results: Sequence[GroundingResult],
+    path: Union[str, Path],
+    *,
+    max_candidates: int = 30,
+    dpi: int = 110,
+) -> Path:
+    """Draw one panel per query and write a PNG (or any format matplotlib knows) atomically.
+
+    Each panel shows the normalised attention map over the image (when QAM ran), the
+    top-scoring candidates (thin white, up to ``max_candidates``), QAM's box ``P_t``
+    (dashed yellow) and the chosen box (thick red), titled with the query and its score. Where
+    CLIP's whole-image view (its center crop) did not reach, no heat is drawn and a dotted
+    black frame marks the view.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    path = Path(path)
+    n = len(results)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    aspect = image.height / max(image.width, 1)
+    panel_w = 5.0
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, panel_w * aspect * rows + 0.8 * rows), squeeze=False)
+    pixels = np.asarray(image)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, result in zip(axes.flat, results):
+        ax.imshow(pixels)
+        if result.attention is not None:
+            heat = np.ma.masked_array(result.attention.numpy(), mask=_outside(result, image))
+            ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            if result.view_box is not None and result.view_box != (0.0, 0.0, float(image.width), float(image.height)):
+                _rect(ax, Rectangle, result.view_box, "black", 1.0, ":", 0.6)
+        cands = result.candidates
+        if len(cands):
+            order = cands.fused.argsort(descending=True)[:max_candidates].tolist()
+            for idx in order:
+                if idx == cands.qam_index or idx in result.selected:
+                    continue
+                _rect(ax, Rectangle, cands.boxes[idx].tolist(), "white", 0.8, "-", 0.7)
+        if result.qam_box is not None:
+            _rect(ax, Rectangle, result.qam_box, "yellow", 1.8, "--", 1.0)
+        if len(result.selected) > 1:
+            for idx in result.selected:
+                _rect(ax, Rectangle, cands.boxes[idx].tolist(), "red", 1.0, ":", 1.0)
+        if result.box is not None:
+            _rect(ax, Rectangle, result.box, "red", 2.8, "-", 1.0)
+        score = "no box" if result.score is None else f"score {result.score:.3f}"
+        title = "\n".join(textwrap.wrap(f'"{result.query}"', 50)[:2])
+        ax.set_title(f"{title}\n{score}", fontsize=10)
+        ax.set_xlim(0, image.width)
+        ax.set_ylim(image.height, 0)
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _outside(result: GroundingResult, image: Image.Image) -> np.ndarray:
+    """``(H, W)`` True where CLIP's whole-image view did not reach (no heat drawn there)."""
+    mask = np.zeros((image.height, image.width), dtype=bool)
+    if result.view_box is not None:
+        x1, y1, x2, y2 = result.view_box
+        cols = np.arange(image.width) + 0.5
+        rows = np.arange(image.height) + 0.5
+        mask |= ((cols < x1) | (cols > x2))[None, :]
+        mask |= ((rows < y1) | (rows > y2))[:, None]
+    return mask
+
+
+def _rect(ax, rectangle, box, color, width, style, alpha) -> None:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    ax.add_patch(
+        rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=width, linestyle=style, alpha=alpha)
+    )
