@@ -229,6 +229,7 @@ def test_checkpoint_of_another_architecture(tmp_path, tiny_checkpoint):
         load_backbone("ViT-B-32", checkpoint=tiny_checkpoint, device="cpu")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_with_code_is_refused(tmp_path):
     import pickle
 

@@ -177,3 +177,14 @@ def test_console_script_runs_the_readme_command(tmp_path):
     record = json.loads(done.stdout)
     assert record["query"] == "a red ball" and len(record["box"]) == 4 and "score" in record
     assert (tmp_path / "out.png").stat().st_size > 10_000
+
+
+def test_cli_choices_mirror_the_library():
+    import typing
+
+    from bicm import cli, com, fusion, qam
+
+    assert typing.get_args(cli.SelectionOpt) == fusion.SELECTION_POLICIES
+    assert typing.get_args(cli.AttentionOpt) == typing.get_args(qam.MapKind)
+    assert typing.get_args(cli.RegionOpt) == typing.get_args(qam.RegionRule)
+    assert typing.get_args(cli.ComModeOpt) == typing.get_args(com.ComMode)

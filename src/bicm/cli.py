@@ -11,9 +11,8 @@ import functools
 import json
 import sys
 import warnings
-from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Literal, Optional, TypeVar
 
 import typer
 
@@ -32,43 +31,15 @@ app = typer.Typer(
 USER_ERROR = 2
 
 
-class Selection(str, Enum):
-    argmax = "argmax"
-    union_above_mean = "union-above-mean"
-    largest_above_mean = "largest-above-mean"
-
-
-class Attention(str, Enum):
-    qa = "qa"
-    va = "va"
-
-
-class ComModeOpt(str, Enum):
-    both = "both"
-    class_ = "class"
-    visual = "visual"
-
-
-class TdScale(str, Enum):
-    raw = "raw"
-    normalized = "normalized"
-
-
-class Region(str, Enum):
-    largest = "largest"
-    peak = "peak"
-    all = "all"
-
-
-class Amp(str, Enum):
-    none = "none"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class BoxFormat(str, Enum):
-    xyxy = "xyxy"
-    xywh = "xywh"
+# Choices as Literal types (typer checks them). They mirror the Literal types of bicm.api,
+# bicm.qam and bicm.fusion, kept here so that `bicm --help` does not import torch.
+SelectionOpt = Literal["argmax", "union-above-mean", "largest-above-mean"]
+AttentionOpt = Literal["qa", "va"]
+ComModeOpt = Literal["both", "class", "visual"]
+TdScaleOpt = Literal["raw", "normalized"]
+RegionOpt = Literal["largest", "peak", "all"]
+AmpOpt = Literal["none", "bf16", "fp16"]
+BoxFormatOpt = Literal["xyxy", "xywh"]
 
 
 def user_errors(func: F) -> F:
@@ -122,7 +93,7 @@ def ground(
     proposals: Optional[Path] = typer.Option(
         None, "--proposals", "-p", help="Detections file (JSON/JSONL: image -> boxes, scores, class names)."
     ),
-    box_format: Optional[BoxFormat] = typer.Option(None, help="Box format of a detections file that does not declare it."),
+    box_format: Optional[BoxFormatOpt] = typer.Option(None, help="Box format of a detections file that does not declare it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="open_clip architecture [default: ViT-B-32]."),
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag [default: openai]."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local CLIP weights (.pt, .bin, .safetensors, or a folder)."),
@@ -130,15 +101,15 @@ def ground(
         None, "--quick-gelu/--no-quick-gelu", help="Force the activation (OpenAI CLIP uses QuickGELU) [default: from the weights]."
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    amp: Amp = typer.Option(Amp.none, help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
     components: str = typer.Option("qam,com,sf", help="Comma-separated components: qam, com, sf."),
-    attention: Attention = typer.Option(Attention.qa, help="qa: query-aware map (QAM); va: vanilla visual attention."),
-    com_mode: ComModeOpt = typer.Option(ComModeOpt.both, help="COM scores: both (S_PQ+S_CQ), class (S_CQ) or visual (S_PQ)."),
-    td_scale: TdScale = typer.Option(TdScale.raw, help="Map scale for S_TD: raw (paper, with lambda_t=1000) or normalized."),
-    selection: Selection = typer.Option(Selection.argmax, help="How the output box is chosen from the candidates."),
+    attention: AttentionOpt = typer.Option("qa", help="qa: query-aware map (QAM); va: vanilla visual attention."),
+    com_mode: ComModeOpt = typer.Option("both", help="COM scores: both (S_PQ+S_CQ), class (S_CQ) or visual (S_PQ)."),
+    td_scale: TdScaleOpt = typer.Option("raw", help="Map scale for S_TD: raw (paper, with lambda_t=1000) or normalized."),
+    selection: SelectionOpt = typer.Option("argmax", help="How the output box is chosen from the candidates."),
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
     lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
-    region_rule: Region = typer.Option(Region.largest, help="Region of the thresholded map that makes QAM's box."),
+    region_rule: RegionOpt = typer.Option("largest", help="Region of the thresholded map that makes QAM's box."),
     class_prompt: str = typer.Option("{}", help="Template for class names, e.g. 'a photo of a {}.'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
     save_vis: Optional[Path] = typer.Option(None, "--save-vis", help="Write a picture: heatmap, candidates and chosen box."),
@@ -156,17 +127,17 @@ def ground(
         components=tuple(components.split(",")),
         thr_a=thr_a,
         lambda_t=lambda_t,
-        attention=attention.value,
-        region_rule=region_rule.value,
-        com_mode=com_mode.value,
-        td_scale=td_scale.value,
-        selection=selection.value,
+        attention=attention,
+        region_rule=region_rule,
+        com_mode=com_mode,
+        td_scale=td_scale,
+        selection=selection,
         class_prompt=class_prompt,
     )
     pil = load_image(image, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS)
     props = Proposals.empty()
     if proposals is not None:
-        props = read_detections(proposals, box_format.value if box_format else None).lookup(image)
+        props = read_detections(proposals, box_format).lookup(image)
     elif {"com"} <= set(config.components):
         print("bicm: note: no --proposals given: QAM's box is the only candidate", file=sys.stderr)
     grounder = Grounder.from_pretrained(
@@ -174,7 +145,7 @@ def ground(
         pretrained,
         checkpoint=checkpoint,
         device=device,
-        amp=amp.value,
+        amp=amp,
         quick_gelu=quick_gelu,
         config=config,
     )
