@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .atomic import atomic_path
 from .errors import BicmError, warn
 
 __all__ = [
@@ -726,7 +726,6 @@ def save_checkpoint(
     if preprocess is not None:
         config["preprocess_cfg"] = preprocess.to_open_clip()
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"open_clip_config": json.dumps(config), "format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"open_clip_config": json.dumps(config), "format": "pt"})
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 from typing import Sequence, Union
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .api import GroundingResult
+from .atomic import atomic_path
 
 __all__ = ["save_visualization"]
 
@@ -75,15 +75,11 @@ def save_visualization(
         ax.set_ylim(image.height, 0)
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
