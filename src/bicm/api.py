@@ -21,6 +21,8 @@ from .errors import BicmError, warn
 from .fusion import SELECTION_POLICIES, SelectionPolicy, box_means, fuse, integral_image, select
 from .imageio import ImageSource, load_image
 from .proposals import Proposals
+from .proposals.naming import ClipNamer
+from .proposals.sources import ProposalSource
 from .qam import AttentionMaps, MapKind, RegionRule, compute_maps, threshold_box
 
 __all__ = ["BiCMConfig", "Candidates", "GroundingResult", "Grounder", "COMPONENTS"]
@@ -158,6 +160,8 @@ class GroundingResult:
         ``None`` without QAM; the map is 0 outside it.
     components: the components that ran.
     image_size: ``(width, height)``.
+    selection: the selection policy.
+    proposal_source: id of the proposals' source (``oracle:ground-truth`` for ground truth).
     notes: things worth knowing about this result (e.g. COM without class names).
     """
 
@@ -174,6 +178,7 @@ class GroundingResult:
     components: tuple[str, ...]
     image_size: tuple[int, int]
     selection: str = "argmax"
+    proposal_source: str = "user"
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self, candidates: bool = True) -> dict[str, Any]:
@@ -185,6 +190,7 @@ class GroundingResult:
             "selected": self.selected,
             "components": list(self.components),
             "selection": self.selection,
+            "proposal_source": self.proposal_source,
             "qam_box": None if self.qam_box is None else [round(v, 2) for v in self.qam_box],
             "s_iq": self.s_iq,
             "view_box": None if self.view_box is None else [round(v, 2) for v in self.view_box],
@@ -203,6 +209,8 @@ class Grounder:
     ----------
     backbone: a loaded :class:`~bicm.backbone.Backbone`.
     config: :class:`BiCMConfig` (paper defaults).
+    namer: names proposals that come without class names (CLIP zero-shot over a
+        vocabulary, see :class:`~bicm.proposals.naming.ClipNamer`), so COM can use S_CQ.
     """
 
     def __init__(
@@ -211,9 +219,11 @@ class Grounder:
         config: Optional[BiCMConfig] = None,
         *,
         class_names: Optional[ClassNameEncoder] = None,
+        namer: Optional[ClipNamer] = None,
     ) -> None:
         self.backbone = backbone
         self.config = config or BiCMConfig()
+        self.namer = namer
         if class_names is None or class_names.template != self.config.class_prompt:
             class_names = ClassNameEncoder(backbone, self.config.class_prompt)
         self.class_names = class_names
@@ -233,19 +243,23 @@ class Grounder:
         amp: Optional[str] = None,
         quick_gelu: Optional[bool] = None,
         config: Optional[BiCMConfig] = None,
+        name_with: Optional[str] = None,
         **overrides: Any,
     ) -> "Grounder":
         """Load a backbone (see :func:`bicm.backbone.load_backbone`) and build a Grounder.
 
-        Keyword ``overrides`` replace fields of ``config``, e.g. ``components=("com",)``.
+        ``name_with`` (``"vg1600"``, ``"coco80"`` or a vocabulary file) names unnamed
+        proposals by CLIP zero-shot classification. Keyword ``overrides`` replace fields of
+        ``config``, e.g. ``components=("com",)``.
         """
         config = (config or BiCMConfig()).replace(**overrides) if overrides else (config or BiCMConfig())
         backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
-        return cls(backbone, config)
+        namer = None if name_with is None else ClipNamer(backbone, name_with)
+        return cls(backbone, config, namer=namer)
 
     def with_config(self, **changes: Any) -> "Grounder":
         """A Grounder on the same backbone (and class-name cache) with some settings changed."""
-        return Grounder(self.backbone, self.config.replace(**changes), class_names=self.class_names)
+        return Grounder(self.backbone, self.config.replace(**changes), class_names=self.class_names, namer=self.namer)
 
     # ------------------------------------------------------------------------------------
     def ground(self, image: Union[ImageSource, Image.Image], query: str, proposals: ProposalsLike = None) -> GroundingResult:
@@ -261,9 +275,11 @@ class Grounder:
         ----------
         image: path or PIL image (converted to RGB; EXIF orientation applied).
         queries: phrases, e.g. ``["the bird on the left", "a red ball"]``.
-        proposals: :class:`~bicm.proposals.Proposals`, or an ``(N, 4)`` xyxy tensor / list,
-            or ``None`` (QAM's box alone). Boxes outside the image are clipped, degenerate
-            ones dropped (with a warning).
+        proposals: :class:`~bicm.proposals.Proposals`, an ``(N, 4)`` xyxy tensor / list, a
+            :class:`~bicm.proposals.sources.ProposalSource` (called on the image), or
+            ``None`` (QAM's box alone). Boxes outside the image are clipped, degenerate ones
+            dropped (with a warning). Unnamed proposals are named by the Grounder's
+            ``namer`` when it has one.
 
         Returns
         -------
@@ -273,6 +289,8 @@ class Grounder:
         queries = _check_queries(queries)
         pil = load_image(image)
         width, height = pil.size
+        if isinstance(proposals, ProposalSource):
+            proposals = proposals(pil, None if isinstance(image, Image.Image) else str(image))
         props = _as_proposals(proposals)
         cleaned = props.sanitize(width, height, cfg.min_box_size)
         if cleaned.n_clipped:
@@ -280,11 +298,20 @@ class Grounder:
         if cleaned.n_dropped:
             warn(f"{cleaned.n_dropped} degenerate proposal box(es) dropped (empty, inverted or under {cfg.min_box_size:g} px)")
         props = cleaned.proposals
+        notes: list[str] = []
+        if props.is_oracle:
+            notes.append("ORACLE: the proposals are ground-truth boxes (analysis only, not a real result)")
 
         comps = cfg.components
         use_qam, use_com, use_sf = "qam" in comps, "com" in comps, "sf" in comps
         use_props = (use_com or use_sf) and len(props) > 0
-        notes: list[str] = []
+        crop_spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
+        base = props.boxes.to(self.backbone.device) if use_props else torch.zeros(0, 4, device=self.backbone.device)
+        feats: Optional[torch.Tensor] = None  # (N, E) crop embeddings, computed at most once
+        if self.namer is not None and use_com and use_props and not props.fully_named:
+            feats = encode_crops(self.backbone, pil, base, crop_spec, cfg.crop_batch_size)
+            props = self.namer.name(props, pil, feats)
+            notes.append(f"proposals named by CLIP over {self.namer.vocabulary.name}")
         if (use_com or use_sf) and len(props) == 0:
             if not use_qam:
                 raise BicmError("no proposals and QAM is off: nothing to choose from (pass proposals or add qam)")
@@ -306,17 +333,16 @@ class Grounder:
             if not any(qam_boxes):
                 notes.append("the attention map is flat: QAM proposes no box")
 
-        base = props.boxes.to(self.backbone.device) if use_props else torch.zeros(0, 4, device=self.backbone.device)
         n = base.shape[0]
         use_visual = use_com and cfg.com_mode in ("both", "visual")
         use_names = use_com and cfg.com_mode in ("both", "class") and use_props and props.fully_named
         if use_com and cfg.com_mode == "both" and use_props and not use_names:
             notes.append("proposals carry no class names for every box: COM used S_PQ alone")
 
-        crop_spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
         s_pq = s_cq = None
         if use_visual:
-            feats = encode_crops(self.backbone, pil, base, crop_spec, cfg.crop_batch_size)
+            if feats is None:
+                feats = encode_crops(self.backbone, pil, base, crop_spec, cfg.crop_batch_size)
             s_pq = text @ feats.T  # (Q, N)
         if use_names:
             names_feats = self.class_names([c or "" for c in props.class_names or []])
@@ -360,7 +386,7 @@ class Grounder:
                 if td_table is not None:
                     td = torch.cat([td, box_means(td_table[i : i + 1], qb)[0]])
             if boxes.shape[0] == 0:
-                results.append(_empty_result(query, maps, i, view_box, comps, (width, height), cfg, notes))
+                results.append(_empty_result(query, maps, i, view_box, comps, (width, height), cfg, notes, props.source))
                 continue
             s_bu = bottom_up(pq, cq) if use_com else None
             if s_bu is None and not use_sf:
@@ -392,6 +418,7 @@ class Grounder:
                     components=comps,
                     image_size=(width, height),
                     selection=cfg.selection,
+                    proposal_source=props.source,
                     notes=list(notes),
                 )
             )
@@ -405,7 +432,7 @@ def _qam_boxes(maps: AttentionMaps, cfg: BiCMConfig) -> list[Optional[Box]]:
     return [threshold_box(m, cfg.thr_a, cfg.region_rule) for m in maps.normalized]
 
 
-def _empty_result(query, maps, i, view_box, comps, size, cfg, notes) -> GroundingResult:
+def _empty_result(query, maps, i, view_box, comps, size, cfg, notes, source) -> GroundingResult:
     empty = torch.zeros(0)
     return GroundingResult(
         query=query,
@@ -421,6 +448,7 @@ def _empty_result(query, maps, i, view_box, comps, size, cfg, notes) -> Groundin
         components=comps,
         image_size=size,
         selection=cfg.selection,
+        proposal_source=source,
         notes=list(notes) + ["nothing to choose from: no box"],
     )
 

@@ -40,6 +40,8 @@ TdScaleOpt = Literal["raw", "normalized"]
 RegionOpt = Literal["largest", "peak", "all"]
 AmpOpt = Literal["none", "bf16", "fp16"]
 BoxFormatOpt = Literal["xyxy", "xywh"]
+SsModeOpt = Literal["fast", "quality"]
+FileFormatOpt = Literal["auto", "bicm", "reclip", "tsv"]
 
 
 def user_errors(func: F) -> F:
@@ -85,22 +87,77 @@ def _root(
     """Unpaired referring expression grounding with CLIP (BiCM)."""
 
 
+# Options shared by several commands (typer reads these defaults; reusing them is safe).
+MODEL_OPT = typer.Option(None, "--model", "-m", help="open_clip architecture [default: ViT-B-32].")
+PRETRAINED_OPT = typer.Option(None, help="open_clip pretrained tag [default: openai].")
+CHECKPOINT_OPT = typer.Option(None, "--checkpoint", "-c", help="Local CLIP weights (.pt, .bin, .safetensors, or a folder).")
+QUICK_GELU_OPT = typer.Option(
+    None, "--quick-gelu/--no-quick-gelu", help="Force the activation (OpenAI CLIP uses QuickGELU) [default: from the weights]."
+)
+DEVICE_OPT = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
+TOP_N_OPT = typer.Option(100, help="Proposals per image (selective search, detector).")
+SS_MODE_OPT = typer.Option("fast", "--ss-mode", help="Selective search preset: fast or quality.")
+SCORE_FLOOR_OPT = typer.Option(0.05, help="Detector: drop detections scoring below this.")
+DETECTOR_ARCH_OPT = typer.Option("fasterrcnn_resnet50_fpn_v2", help="Detector: torchvision Faster R-CNN architecture.")
+DETECTOR_CKPT_OPT = typer.Option(None, help="Detector: local torchvision weights file instead of the download.")
+FILE_FORMAT_OPT = typer.Option("auto", help="Detections file format: auto, bicm, reclip or tsv.")
+BOX_FORMAT_OPT = typer.Option(None, help="Box format of a bicm detections file that does not declare it.")
+TSV_OFFSET_OPT = typer.Option(0, help="TSV class id of the first vocabulary name (1 for Caffe models with background 0).")
+NAME_WITH_OPT = typer.Option(None, help="Name unnamed proposals by CLIP zero-shot over vg1600, coco80 or a text file.")
+NAME_TEMPLATE_OPT = typer.Option("a photo of a {}.", help="Prompt for each vocabulary name when naming.")
+
+
+def _source_options(
+    top_n: int,
+    ss_mode: str,
+    score_floor: float,
+    detector_arch: str,
+    detector_checkpoint: Optional[Path],
+    file_format: str,
+    box_format: Optional[str],
+    tsv_class_offset: int,
+    device: str,
+) -> dict[str, Any]:
+    return dict(
+        top_n=top_n,
+        mode=ss_mode,
+        score_floor=score_floor,
+        arch=detector_arch,
+        checkpoint=detector_checkpoint,
+        file_format=file_format,
+        box_format=box_format,
+        class_offset=tsv_class_offset,
+        device=device,
+    )
+
+
 @app.command()
 @user_errors
 def ground(
     image: Path = typer.Argument(..., help="Image file (any format Pillow reads)."),
     queries: List[str] = typer.Argument(..., help="One or more phrases, e.g. 'the bird on the left'."),
-    proposals: Optional[Path] = typer.Option(
-        None, "--proposals", "-p", help="Detections file (JSON/JSONL: image -> boxes, scores, class names)."
+    proposals: Optional[str] = typer.Option(
+        None,
+        "--proposals",
+        "-p",
+        help="selective-search, faster-rcnn, a detections file (bicm JSON/JSONL, ReCLIP JSON, bottom-up TSV), "
+        "or oracle:FILE (ground truth, analysis only).",
     ),
-    box_format: Optional[BoxFormatOpt] = typer.Option(None, help="Box format of a detections file that does not declare it."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="open_clip architecture [default: ViT-B-32]."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag [default: openai]."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local CLIP weights (.pt, .bin, .safetensors, or a folder)."),
-    quick_gelu: Optional[bool] = typer.Option(
-        None, "--quick-gelu/--no-quick-gelu", help="Force the activation (OpenAI CLIP uses QuickGELU) [default: from the weights]."
-    ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    top_n: int = TOP_N_OPT,
+    ss_mode: SsModeOpt = SS_MODE_OPT,
+    score_floor: float = SCORE_FLOOR_OPT,
+    detector_arch: str = DETECTOR_ARCH_OPT,
+    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
+    file_format: FileFormatOpt = FILE_FORMAT_OPT,
+    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
+    tsv_class_offset: int = TSV_OFFSET_OPT,
+    name_with: Optional[str] = NAME_WITH_OPT,
+    name_template: str = NAME_TEMPLATE_OPT,
+    model: Optional[str] = MODEL_OPT,
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
+    device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
     components: str = typer.Option("qam,com,sf", help="Comma-separated components: qam, com, sf."),
     attention: AttentionOpt = typer.Option("qa", help="qa: query-aware map (QAM); va: vanilla visual attention."),
@@ -121,7 +178,8 @@ def ground(
     from .api import BiCMConfig, Grounder
     from .imageio import DEFAULT_MAX_PIXELS, load_image
     from .proposals import Proposals
-    from .proposals.files import read_detections
+    from .proposals.naming import ClipNamer
+    from .proposals.sources import make_source
 
     config = BiCMConfig(
         components=tuple(components.split(",")),
@@ -137,7 +195,12 @@ def ground(
     pil = load_image(image, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS)
     props = Proposals.empty()
     if proposals is not None:
-        props = read_detections(proposals, box_format).lookup(image)
+        options = _source_options(
+            top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
+        )
+        props = make_source(proposals, **options)(pil, str(image))
+        if props.is_oracle:
+            print("bicm: warning: ORACLE proposals (ground-truth boxes): for analysis, not a real result", file=sys.stderr)
     elif {"com"} <= set(config.components):
         print("bicm: note: no --proposals given: QAM's box is the only candidate", file=sys.stderr)
     grounder = Grounder.from_pretrained(
@@ -149,6 +212,8 @@ def ground(
         quick_gelu=quick_gelu,
         config=config,
     )
+    if name_with is not None:
+        grounder.namer = ClipNamer(grounder.backbone, name_with, name_template)
     results = grounder.ground_many(pil, queries, props)
     if as_json:
         for result in results:
@@ -161,6 +226,130 @@ def ground(
 
         save_visualization(pil, results, save_vis)
         print(f"bicm: wrote {save_vis}", file=sys.stderr)
+
+
+proposals_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Make, read and convert object proposals (detections files)."
+)
+app.add_typer(proposals_app, name="proposals")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@proposals_app.command("extract")
+@user_errors
+def proposals_extract(
+    images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    output: Path = typer.Option(..., "--output", "-o", help="bicm JSONL file to write (appended to: runs resume)."),
+    source: str = typer.Option("selective-search", "--source", "-s", help="selective-search, faster-rcnn or a detections file."),
+    top_n: int = TOP_N_OPT,
+    ss_mode: SsModeOpt = SS_MODE_OPT,
+    score_floor: float = SCORE_FLOOR_OPT,
+    detector_arch: str = DETECTOR_ARCH_OPT,
+    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
+    file_format: FileFormatOpt = FILE_FORMAT_OPT,
+    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
+    tsv_class_offset: int = TSV_OFFSET_OPT,
+    name_with: Optional[str] = NAME_WITH_OPT,
+    name_template: str = NAME_TEMPLATE_OPT,
+    model: Optional[str] = MODEL_OPT,
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Run a proposal source over images into a JSONL file (resumable, with progress)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .errors import BicmError as _Err
+    from .imageio import load_image
+    from .proposals.files import DetectionsAppender
+    from .proposals.sources import make_source
+
+    todo = _collect_images(images)
+    options = _source_options(
+        top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
+    )
+    maker = make_source(source, **options)
+    namer = None
+    if name_with is not None:
+        from .backbone import load_backbone
+        from .proposals.naming import ClipNamer
+
+        namer = ClipNamer(load_backbone(model, pretrained, checkpoint, device=device, quick_gelu=quick_gelu), name_with, name_template)
+    failed: list[str] = []
+    with DetectionsAppender(output) as out:
+        pending = [(key, path) for key, path in todo if key not in out.done]
+        if len(pending) < len(todo):
+            print(f"bicm: resuming: {len(todo) - len(pending)} of {len(todo)} images already in {output}", file=sys.stderr)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task(f"proposals ({maker.id.split('(')[0]})", total=len(pending))
+            for key, path in pending:
+                try:
+                    pil = load_image(path, exif_transpose=False)
+                    found = maker(pil, key)
+                    found = found.sanitize(pil.width, pil.height).proposals
+                    if namer is not None and len(found) and not found.fully_named:
+                        found = namer.name(found, pil)
+                    found.meta["image_size"] = [pil.width, pil.height]
+                    out.append(key, found)
+                except _Err as exc:  # one bad image must not stop a dataset
+                    failed.append(f"{key}: {exc}")
+                progress.advance(task)
+    for line in failed[:10]:
+        print(f"bicm: warning: skipped {line}", file=sys.stderr)
+    if failed:
+        print(f"bicm: warning: {len(failed)} image(s) skipped; rerun the same command to retry them", file=sys.stderr)
+    print(f"bicm: {len(todo) - len(failed)} of {len(todo)} images in {output}", file=sys.stderr)
+
+
+def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:
+    from .errors import BicmError as _Err
+
+    found: list[tuple[str, Path]] = []
+    for path in paths:
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+                found.append((file.relative_to(path).as_posix(), file))
+        elif path.is_file():
+            found.append((path.name, path))
+        else:
+            raise _Err(f"no such image or folder: {path}")
+    keys = [k for k, _ in found]
+    if len(set(keys)) != len(keys):
+        raise _Err("two images would get the same name in the output; pass one folder instead of loose files")
+    if not found:
+        raise _Err("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+    return found
+
+
+@proposals_app.command("convert")
+@user_errors
+def proposals_convert(
+    source: Path = typer.Argument(..., help="Detections file to read."),
+    output: Path = typer.Argument(..., help="File to write."),
+    to: Optional[FileFormatOpt] = typer.Option(None, help="Output format: bicm (JSONL), reclip or tsv [default: by extension, .tsv -> tsv, else bicm]."),
+    file_format: FileFormatOpt = FILE_FORMAT_OPT,
+    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
+    tsv_class_offset: int = TSV_OFFSET_OPT,
+    vocabulary: str = typer.Option("vg1600", help="Vocabulary of TSV class ids (vg1600, coco80 or a text file)."),
+) -> None:
+    """Convert between bicm JSONL, ReCLIP JSON and bottom-up-attention TSV."""
+    from .proposals.files import read_proposals_file, write_detections
+    from .proposals.formats import write_bottom_up_tsv, write_reclip
+
+    read = read_proposals_file(source, file_format, box_format, vocabulary=vocabulary, class_offset=tsv_class_offset)
+    target = to or ("tsv" if output.suffix.lower() == ".tsv" else "bicm")
+    if target == "tsv":
+        write_bottom_up_tsv(output, read.entries, vocabulary=vocabulary, class_offset=tsv_class_offset)
+    elif target == "reclip":
+        write_reclip(output, read.entries)
+    elif target == "bicm":
+        write_detections(output, read.entries)
+    else:
+        raise BicmError(f"cannot write format {target!r}; use bicm, reclip or tsv")
+    print(f"bicm: wrote {len(read.entries)} images to {output} ({target})", file=sys.stderr)
 
 
 def _print_table(image: Path, results: list) -> None:

@@ -30,7 +30,11 @@ class Proposals:
     scores: ``(N,)`` detector confidences, or ``None``.
     class_names: one name per box (``None`` for a box without a name), or ``None`` when the
         source names no box.
-    source: id of what made them (``"user"``, ``"file:dets.json"``, ...).
+    source: id of what made them (``"user"``, ``"file:dets.json"``,
+        ``"selective-search(mode=fast,top_n=100)"``, ``"oracle:ground-truth"``, ...).
+    name_scores: ``(N,)`` confidence of each class name when a model chose it (CLIP
+        zero-shot naming: the softmax probability of the chosen name), or ``None``.
+    meta: free-form extras (e.g. ``image_size``).
     """
 
     boxes: torch.Tensor
@@ -38,6 +42,7 @@ class Proposals:
     class_names: Optional[list[Optional[str]]] = None
     source: str = "user"
     meta: dict = field(default_factory=dict)
+    name_scores: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         boxes = torch.as_tensor(self.boxes, dtype=torch.float32)
@@ -59,6 +64,11 @@ class Proposals:
             if len(names) != n:
                 raise BicmError(f"{n} proposal boxes but {len(names)} class names")
             self.class_names = names if any(c is not None for c in names) or n == 0 else None
+        if self.name_scores is not None:
+            name_scores = torch.as_tensor(self.name_scores, dtype=torch.float32).reshape(-1)
+            if name_scores.shape[0] != n:
+                raise BicmError(f"{n} proposal boxes but {name_scores.shape[0]} name scores")
+            self.name_scores = name_scores
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -74,6 +84,11 @@ class Proposals:
         return cls(torch.zeros(0, 4), source=source)
 
     @property
+    def is_oracle(self) -> bool:
+        """These are ground-truth boxes (analysis only, never a real result)."""
+        return self.source.startswith("oracle")
+
+    @property
     def fully_named(self) -> bool:
         """Every box has a class name (COM can use ``S_CQ``)."""
         return self.class_names is not None and all(c is not None for c in self.class_names)
@@ -82,7 +97,12 @@ class Proposals:
         index = torch.as_tensor(index, dtype=torch.long)
         names = None if self.class_names is None else [self.class_names[i] for i in index.tolist()]
         scores = None if self.scores is None else self.scores[index]
-        return Proposals(self.boxes[index], scores, names, self.source, dict(self.meta))
+        name_scores = None if self.name_scores is None else self.name_scores[index]
+        return Proposals(self.boxes[index], scores, names, self.source, dict(self.meta), name_scores)
+
+    def with_names(self, names: list[Optional[str]], name_scores: Optional[torch.Tensor] = None) -> "Proposals":
+        """A copy with these class names (and their confidences)."""
+        return Proposals(self.boxes, self.scores, names, self.source, dict(self.meta), name_scores)
 
     def sanitize(self, width: int, height: int, min_size: float = 1.0) -> "Sanitized":
         """Clip boxes to the image and drop degenerate ones.
@@ -99,7 +119,7 @@ class Proposals:
         w = clipped[:, 2] - clipped[:, 0]
         h = clipped[:, 3] - clipped[:, 1]
         keep = (~inverted) & (w >= min_size) & (h >= min_size)
-        kept = Proposals(clipped, self.scores, self.class_names, self.source, dict(self.meta)).subset(
+        kept = Proposals(clipped, self.scores, self.class_names, self.source, dict(self.meta), self.name_scores).subset(
             keep.nonzero().flatten()
         )
         return Sanitized(kept, n_clipped=int((changed & keep).sum()), n_dropped=int((~keep).sum()))

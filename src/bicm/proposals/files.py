@@ -15,20 +15,36 @@ JSON, a mapping of images (or a list of records as above)::
 
 A record may also list detections one by one: ``"detections": [{"box": [...],
 "score": 0.9, "class_name": "dog"}, ...]``; a bare list of boxes is accepted as a record.
-Image keys are matched against an image path exactly, then by file name, then by stem.
+Image keys are matched against an image path exactly, then by file name, then by stem, then
+by the number that ends the stem (``COCO_train2014_000000581857.jpg`` -> ``581857``).
+
+bicm writes JSON Lines (:func:`write_detections`, :class:`DetectionsAppender` for resumable
+extraction); :func:`read_proposals_file` also reads the ReCLIP and bottom-up-attention TSV
+formats (:mod:`bicm.proposals.formats`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
+from ..atomic import atomic_write_text
 from ..errors import BicmError
 from . import Proposals
 
-__all__ = ["DetectionsFile", "read_detections", "BOX_FORMATS"]
+__all__ = [
+    "DetectionsFile",
+    "DetectionsAppender",
+    "read_detections",
+    "read_proposals_file",
+    "write_detections",
+    "to_record",
+    "BOX_FORMATS",
+]
 
 BOX_FORMATS = ("xyxy", "xywh")
 _IMAGE_KEYS = ("image", "image_id", "file_name", "filename", "img")
@@ -58,6 +74,9 @@ class DetectionsFile:
         by_stem = {Path(k).stem: k for k in self.entries}
         if image.stem in by_stem:
             return self.entries[by_stem[image.stem]]
+        number = re.search(r"(\d+)$", image.stem)
+        if number and str(int(number.group(1))) in self.entries:
+            return self.entries[str(int(number.group(1)))]
         examples = ", ".join(list(self.entries)[:3])
         raise BicmError(f"no detections for {image.name} in {self.path.name} (it has {len(self)} images, e.g. {examples})")
 
@@ -177,7 +196,13 @@ def _parse_record(record: Any, box_format: Optional[str], source: str, where: st
             raise BicmError(f"{where}: class names must be a list of strings (one per box)")
         if len(names) != len(boxes):
             raise BicmError(f"{where}: {len(boxes)} boxes but {len(names)} class names")
-    kwargs = dict(scores=scores, class_names=names, source=source)
+    name_scores = record.get("name_scores")
+    if name_scores is not None and (not isinstance(name_scores, list) or len(name_scores) != len(boxes)):
+        raise BicmError(f"{where}: 'name_scores' must be a list with one number per box")
+    meta = {"origin": record["source"]} if isinstance(record.get("source"), str) else {}
+    if isinstance(record.get("image_size"), list) and len(record["image_size"]) == 2:
+        meta["image_size"] = list(record["image_size"])
+    kwargs = dict(scores=scores, class_names=names, source=source, meta=meta, name_scores=name_scores)
     if fmt == "xywh":
         return key, Proposals.from_xywh(boxes if boxes else [], **kwargs)
     return key, Proposals(boxes if boxes else [], **kwargs)
@@ -198,3 +223,109 @@ def _check_boxes(boxes: Any, where: str) -> list[list[float]]:
             raise BicmError(f"{where}: box {i} has a non-finite coordinate")
         out.append([float(v) for v in box])
     return out
+
+
+def read_proposals_file(
+    path: Union[str, Path],
+    file_format: str = "auto",
+    box_format: Optional[str] = None,
+    vocabulary: str = "vg1600",
+    class_offset: int = 0,
+) -> DetectionsFile:
+    """Read any supported detections file.
+
+    Parameters
+    ----------
+    file_format: ``"auto"`` (by extension and content), ``"bicm"``, ``"reclip"`` or ``"tsv"``.
+    box_format: for bicm files that do not declare it.
+    vocabulary, class_offset: how TSV class ids become names (see
+        :func:`bicm.proposals.formats.read_bottom_up_tsv`).
+    """
+    from .formats import detect_format, read_bottom_up_tsv, read_reclip
+
+    path = Path(path)
+    if not path.is_file():
+        raise BicmError(f"detections file not found: {path}")
+    fmt = detect_format(path) if file_format == "auto" else file_format
+    if fmt == "bicm":
+        return read_detections(path, box_format)
+    if fmt == "reclip":
+        return read_reclip(path)
+    if fmt == "tsv":
+        return read_bottom_up_tsv(path, vocabulary=vocabulary, class_offset=class_offset)
+    raise BicmError(f"unknown detections file format {file_format!r}; use auto, bicm, reclip or tsv")
+
+
+def to_record(key: str, proposals: Proposals) -> dict[str, Any]:
+    """One bicm JSONL record (boxes in xyxy)."""
+    record: dict[str, Any] = {
+        "image": key,
+        "source": proposals.source,
+        "box_format": "xyxy",
+        "boxes": [[round(float(v), 2) for v in box] for box in proposals.boxes.tolist()],
+    }
+    if proposals.scores is not None:
+        record["scores"] = [round(float(v), 5) for v in proposals.scores.tolist()]
+    if proposals.class_names is not None:
+        record["class_names"] = list(proposals.class_names)
+    if proposals.name_scores is not None:
+        record["name_scores"] = [round(float(v), 5) for v in proposals.name_scores.tolist()]
+    if "image_size" in proposals.meta:
+        record["image_size"] = list(proposals.meta["image_size"])
+    return record
+
+
+def write_detections(path: Union[str, Path], entries: Mapping[str, Proposals]) -> Path:
+    """Write bicm JSONL (one record per image), atomically."""
+    text = "".join(json.dumps(to_record(key, proposals)) + "\n" for key, proposals in entries.items())
+    return atomic_write_text(path, text)
+
+
+class DetectionsAppender:
+    """Append bicm JSONL records one image at a time, so long runs can resume.
+
+    Opening an existing file reads the images it already holds (:attr:`done`); a last line
+    cut short by a crash is removed. Every record is flushed and fsynced before
+    :meth:`append` returns, so at most the image in flight is lost.
+    """
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        self.path = Path(path)
+        self.done: set[str] = set()
+        if self.path.exists():
+            self._recover()
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _recover(self) -> None:
+        data = self.path.read_bytes()
+        good = data.rfind(b"\n") + 1  # everything after the last newline is a cut record
+        lines = data[:good].decode("utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise BicmError(f"{self.path} line {number} is not valid JSON; not appending to it") from None
+            key = record.get("image") if isinstance(record, dict) else None
+            if key is None:
+                raise BicmError(f"{self.path} line {number} has no image; not appending to it")
+            self.done.add(str(key))
+        if good < len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(good)
+
+    def append(self, key: str, proposals: Proposals) -> None:
+        self._handle.write(json.dumps(to_record(key, proposals)) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.done.add(key)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "DetectionsAppender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
