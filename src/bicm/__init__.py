@@ -35,13 +35,13 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .api import COMPONENTS, BiCMConfig, Candidates, Grounder, GroundingResult
-    from .backbone import Backbone, load_backbone, save_checkpoint
-    from .errors import BicmError, BicmWarning
-    from .imageio import load_image
-    from .proposals import Proposals
-    from .proposals.files import read_detections
+if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; real imports are lazy)
+    from .api import COMPONENTS, BiCMConfig, Candidates, Grounder, GroundingResult  # noqa: F401
+    from .backbone import Backbone, load_backbone, save_checkpoint  # noqa: F401
+    from .errors import BicmError, BicmWarning  # noqa: F401
+    from .imageio import load_image  # noqa: F401
+    from .proposals import Proposals  # noqa: F401
+    from .proposals.files import read_detections  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

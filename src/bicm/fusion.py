@@ -24,9 +24,11 @@ back to the argmax.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import torch
+
+from .boxes import union_box
 
 __all__ = ["SelectionPolicy", "SELECTION_POLICIES", "integral_image", "box_means", "fuse", "select", "union_box"]
 
@@ -128,9 +130,3 @@ def select(
 def _box(t: torch.Tensor) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = (float(v) for v in t.tolist())
     return (x1, y1, x2, y2)
-
-
-def union_box(boxes: Sequence[Sequence[float]]) -> tuple[float, float, float, float]:
-    """The smallest box containing all ``boxes`` (xyxy)."""
-    t = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    return _box(torch.stack([t[:, 0].min(), t[:, 1].min(), t[:, 2].max(), t[:, 3].max()]))
