@@ -82,7 +82,11 @@ class SelectiveSearch(ProposalSource):
             search.switchToSelectiveSearchFast()
         else:
             search.switchToSelectiveSearchQuality()
-        rects = np.asarray(search.process(), dtype=np.float64).reshape(-1, 4)
+        try:
+            rects = np.asarray(search.process(), dtype=np.float64).reshape(-1, 4)
+        except cv2.error as exc:  # one odd image must not stop a dataset run
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "cv2.error"
+            raise BicmError(f"selective search failed on a {image.width}x{image.height} image: {first}") from None
         boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, image.width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, image.height)
