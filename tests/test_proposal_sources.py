@@ -163,13 +163,13 @@ def test_clip_namer_names_every_box():
 
 
 def test_grounder_names_unnamed_proposals_without_encoding_crops_twice(monkeypatch):
-    import bicm.api as api
+    import bicm.encoder as encoder
 
     backbone = make_backbone()
     grounder = Grounder(backbone, namer=ClipNamer(backbone, "coco80"))
     calls = []
-    real = api.encode_crops
-    monkeypatch.setattr(api, "encode_crops", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    real = encoder.encode_crops
+    monkeypatch.setattr(encoder, "encode_crops", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
     r = grounder.ground(draw_scene(), "a red square", SCENE_BOXES)
     assert r.candidates.s_cq is not None and all(r.candidates.class_names)
     assert any("named by CLIP over coco80" in n for n in r.notes)

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from .backbone import Backbone, load_backbone, preprocess
-from .com import ClassNameEncoder, ComMode, bottom_up, encode_crops
+from .cache import FeatureCache
+from .com import ClassNameEncoder, ComMode, bottom_up
+from .encoder import Encoder, image_digest
 from .errors import BicmError, warn
 from .fusion import SELECTION_POLICIES, SelectionPolicy, box_means, fuse, integral_image, select
 from .imageio import ImageSource, load_image
@@ -211,6 +213,7 @@ class Grounder:
     config: :class:`BiCMConfig` (paper defaults).
     namer: names proposals that come without class names (CLIP zero-shot over a
         vocabulary, see :class:`~bicm.proposals.naming.ClipNamer`), so COM can use S_CQ.
+    cache: a :class:`~bicm.cache.FeatureCache` for text, crop and proposal computations.
     """
 
     def __init__(
@@ -220,12 +223,14 @@ class Grounder:
         *,
         class_names: Optional[ClassNameEncoder] = None,
         namer: Optional[ClipNamer] = None,
+        cache: Optional[FeatureCache] = None,
     ) -> None:
         self.backbone = backbone
         self.config = config or BiCMConfig()
         self.namer = namer
+        self.encoder = Encoder(backbone, cache)
         if class_names is None or class_names.template != self.config.class_prompt:
-            class_names = ClassNameEncoder(backbone, self.config.class_prompt)
+            class_names = ClassNameEncoder(backbone, self.config.class_prompt, self.encoder.text)
         self.class_names = class_names
         if "qam" in self.config.components:
             problem = backbone.vit_problem()
@@ -254,12 +259,16 @@ class Grounder:
         """
         config = (config or BiCMConfig()).replace(**overrides) if overrides else (config or BiCMConfig())
         backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
-        namer = None if name_with is None else ClipNamer(backbone, name_with)
-        return cls(backbone, config, namer=namer)
+        grounder = cls(backbone, config)
+        if name_with is not None:
+            grounder.namer = ClipNamer(backbone, name_with, encode_text=grounder.encoder.text)
+        return grounder
 
     def with_config(self, **changes: Any) -> "Grounder":
         """A Grounder on the same backbone (and class-name cache) with some settings changed."""
-        return Grounder(self.backbone, self.config.replace(**changes), class_names=self.class_names, namer=self.namer)
+        return Grounder(
+            self.backbone, self.config.replace(**changes), class_names=self.class_names, namer=self.namer, cache=self.encoder.cache
+        )
 
     # ------------------------------------------------------------------------------------
     def ground(self, image: Union[ImageSource, Image.Image], query: str, proposals: ProposalsLike = None) -> GroundingResult:
@@ -273,7 +282,7 @@ class Grounder:
 
         Parameters
         ----------
-        image: path or PIL image (converted to RGB; EXIF orientation applied).
+        image: path or PIL image (converted to RGB; EXIF orientation applied to files).
         queries: phrases, e.g. ``["the bird on the left", "a red ball"]``.
         proposals: :class:`~bicm.proposals.Proposals`, an ``(N, 4)`` xyxy tensor / list, a
             :class:`~bicm.proposals.sources.ProposalSource` (called on the image), or
@@ -285,12 +294,46 @@ class Grounder:
         -------
         One :class:`GroundingResult` per query, in order.
         """
+        return self.score(self.extract(image, queries, proposals))
+
+    def extract(
+        self,
+        image: Union[ImageSource, Image.Image],
+        queries: Sequence[str],
+        proposals: ProposalsLike = None,
+        *,
+        kinds: Optional[Sequence[str]] = None,
+        visual: Optional[bool] = None,
+        names: Optional[bool] = None,
+        image_key: Optional[str] = None,
+    ) -> "ImageFeatures":
+        """Everything per image the scoring needs, computed once (see :meth:`score`).
+
+        By default only what this Grounder's config uses; an evaluation of several ablation
+        rows asks for more at once: ``kinds=("qa", "va")`` (both attention maps),
+        ``visual=True`` (crop embeddings), ``names=True`` (class-name embeddings).
+        ``image_key`` names the image for file-based proposal sources (default: its path).
+        """
         cfg = self.config
+        comps = cfg.components
+        if kinds is None:
+            kinds = (cfg.attention,) if "qam" in comps else ()
+        if visual is None:
+            visual = "com" in comps and cfg.com_mode in ("both", "visual")
+        if names is None:
+            names = "com" in comps and cfg.com_mode in ("both", "class")
+        for kind in kinds:
+            if kind not in ("qa", "va"):
+                raise BicmError(f"unknown attention map {kind!r}; use qa or va")
+        if kinds and self.backbone.vit_problem():
+            raise BicmError(self.backbone.vit_problem() or "")
         queries = _check_queries(queries)
         pil = load_image(image)
         width, height = pil.size
+        digest = image_digest(pil) if self.encoder.cache is not None else None
         if isinstance(proposals, ProposalSource):
-            proposals = proposals(pil, None if isinstance(image, Image.Image) else str(image))
+            key = image_key or (None if isinstance(image, Image.Image) else str(image))
+            proposals = self.encoder.proposals(proposals, pil, key, digest)
         props = _as_proposals(proposals)
         cleaned = props.sanitize(width, height, cfg.min_box_size)
         if cleaned.n_clipped:
@@ -302,62 +345,98 @@ class Grounder:
         if props.is_oracle:
             notes.append("ORACLE: the proposals are ground-truth boxes (analysis only, not a real result)")
 
+        device = self.backbone.device
+        crop_spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
+        crop_feats: Optional[torch.Tensor] = None  # (N, E), computed at most once
+        if self.namer is not None and (visual or names) and len(props) and not props.fully_named:
+            crop_feats = self.encoder.crops(pil, props.boxes, crop_spec, cfg.crop_batch_size, digest)
+            props = self.namer.name(props, pil, crop_feats)
+            notes.append(f"proposals named by CLIP over {self.namer.vocabulary.name}")
+        if visual and crop_feats is None:
+            crop_feats = self.encoder.crops(pil, props.boxes, crop_spec, cfg.crop_batch_size, digest)
+        name_feats = None
+        if names and props.fully_named and len(props):
+            name_feats = self.class_names([c or "" for c in props.class_names or []])
+
+        text = self.encoder.text(queries)  # (Q, E)
+        maps: dict[str, AttentionMaps] = {}
+        qam_boxes: dict[str, list[Optional[Box]]] = {}
+        view_box: Optional[Box] = None
+        if kinds:
+            pixels, geometry = preprocess(pil, self.backbone.spec.with_resize_mode(cfg.qam_resize))
+            view_box = geometry.visible_box()
+            for kind in kinds:
+                maps[kind] = compute_maps(self.backbone, pixels, geometry, text, kind)  # type: ignore[arg-type]
+                qam_boxes[kind] = _qam_boxes(maps[kind], cfg)
+        qam_crops: dict[Box, torch.Tensor] = {}
+        unique = sorted({b for boxes in qam_boxes.values() for b in boxes if b is not None})
+        if visual and unique:
+            feats = self.encoder.crops(pil, torch.tensor(unique), crop_spec, cfg.crop_batch_size, digest)
+            qam_crops = dict(zip(unique, feats))
+        return ImageFeatures(
+            queries=queries,
+            image_size=(width, height),
+            proposals=props,
+            text=text.to(device),
+            crop_feats=crop_feats,
+            name_feats=name_feats,
+            maps=maps,
+            qam_boxes=qam_boxes,
+            qam_crop_feats=qam_crops,
+            view_box=view_box,
+            notes=notes,
+        )
+
+    def score(self, features: "ImageFeatures", config: Optional[BiCMConfig] = None) -> list[GroundingResult]:
+        """Fuse and select for every query of ``features`` under ``config`` (default: own).
+
+        Cheap: no CLIP forward. Different configs (the ablation rows) can score the same
+        features, as long as :meth:`extract` computed what they use.
+        """
+        cfg = config or self.config
+        f = features
         comps = cfg.components
         use_qam, use_com, use_sf = "qam" in comps, "com" in comps, "sf" in comps
+        props = f.proposals
+        notes = list(f.notes)
         use_props = (use_com or use_sf) and len(props) > 0
-        crop_spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
-        base = props.boxes.to(self.backbone.device) if use_props else torch.zeros(0, 4, device=self.backbone.device)
-        feats: Optional[torch.Tensor] = None  # (N, E) crop embeddings, computed at most once
-        if self.namer is not None and use_com and use_props and not props.fully_named:
-            feats = encode_crops(self.backbone, pil, base, crop_spec, cfg.crop_batch_size)
-            props = self.namer.name(props, pil, feats)
-            notes.append(f"proposals named by CLIP over {self.namer.vocabulary.name}")
         if (use_com or use_sf) and len(props) == 0:
             if not use_qam:
                 raise BicmError("no proposals and QAM is off: nothing to choose from (pass proposals or add qam)")
             notes.append("no proposals: QAM's box is the only candidate")
         if use_com and cfg.com_mode == "class" and use_props and not props.fully_named:
             raise BicmError("COM in class-name mode needs proposals that all have class names")
+        maps = f.maps.get(cfg.attention) if use_qam else None
+        if use_qam and maps is None:
+            raise ValueError(f"the features hold no {cfg.attention!r} map; extract(kinds=...) must include it")
+        qam_boxes = f.qam_boxes.get(cfg.attention, [None] * len(f.queries)) if use_qam else [None] * len(f.queries)
+        if use_qam and not any(qam_boxes):
+            notes.append("the attention map is flat: QAM proposes no box")
 
-        text = self.backbone.encode_text(queries)  # (Q, E)
-        q = len(queries)
-
-        maps: Optional[AttentionMaps] = None
-        view_box: Optional[Box] = None
-        qam_boxes: list[Optional[Box]] = [None] * q
-        if use_qam:
-            pixels, geometry = preprocess(pil, self.backbone.spec.with_resize_mode(cfg.qam_resize))
-            view_box = geometry.visible_box()
-            maps = compute_maps(self.backbone, pixels, geometry, text, cfg.attention)
-            qam_boxes = _qam_boxes(maps, cfg)
-            if not any(qam_boxes):
-                notes.append("the attention map is flat: QAM proposes no box")
-
-        n = base.shape[0]
         use_visual = use_com and cfg.com_mode in ("both", "visual")
         use_names = use_com and cfg.com_mode in ("both", "class") and use_props and props.fully_named
         if use_com and cfg.com_mode == "both" and use_props and not use_names:
             notes.append("proposals carry no class names for every box: COM used S_PQ alone")
+        if use_visual and use_props and f.crop_feats is None:
+            raise ValueError("the features hold no crop embeddings; extract(visual=True) must compute them")
+        if use_names and f.name_feats is None:
+            raise ValueError("the features hold no class-name embeddings; extract(names=True) must compute them")
 
-        s_pq = s_cq = None
-        if use_visual:
-            if feats is None:
-                feats = encode_crops(self.backbone, pil, base, crop_spec, cfg.crop_batch_size)
-            s_pq = text @ feats.T  # (Q, N)
-        if use_names:
-            names_feats = self.class_names([c or "" for c in props.class_names or []])
-            s_cq = text @ names_feats.T  # (Q, N)
+        text = f.text
+        q = len(f.queries)
+        base = props.boxes.to(text.device) if use_props else torch.zeros(0, 4, device=text.device)
+        n = base.shape[0]
+        s_pq = text @ f.crop_feats.T if use_visual and use_props else None  # (Q, N)
+        s_cq = text @ f.name_feats.T if use_names else None  # (Q, N)
 
         # QAM box per query: S_PQ from its crop, class name of the max-S_CQ proposal
-        qam_pq = torch.full((q,), float("nan"), device=self.backbone.device)
-        qam_cq = torch.full((q,), float("nan"), device=self.backbone.device)
+        qam_pq = torch.full((q,), float("nan"), device=text.device)
+        qam_cq = torch.full((q,), float("nan"), device=text.device)
         qam_names: list[Optional[str]] = [None] * q
-        present = [i for i, b in enumerate(qam_boxes) if b is not None]
-        if use_visual and present:
-            unique = sorted({qam_boxes[i] for i in present})  # the VA map gives every query the same box
-            feats = encode_crops(self.backbone, pil, torch.tensor(unique), crop_spec, cfg.crop_batch_size)
-            for i in present:
-                qam_pq[i] = text[i] @ feats[unique.index(qam_boxes[i])]
+        if use_visual:
+            for i, b in enumerate(qam_boxes):
+                if b is not None:
+                    qam_pq[i] = text[i] @ f.qam_crop_feats[b]
         if s_cq is not None and n > 0:
             best = s_cq.argmax(dim=1)
             qam_cq = s_cq.gather(1, best[:, None]).squeeze(1)
@@ -369,9 +448,9 @@ class Grounder:
         s_td_props = box_means(td_table, base) if td_table is not None else None  # (Q, N)
 
         results = []
-        for i, query in enumerate(queries):
+        for i, query in enumerate(f.queries):
             boxes = base
-            names: list[Optional[str]] = list(props.class_names or [None] * n) if use_props else []
+            cand_names: list[Optional[str]] = list(props.class_names or [None] * n) if use_props else []
             pq = s_pq[i] if s_pq is not None else None
             cq = s_cq[i] if s_cq is not None else None
             td = s_td_props[i] if s_td_props is not None else None
@@ -380,13 +459,13 @@ class Grounder:
                 qam_index = boxes.shape[0]
                 qb = torch.tensor([qam_boxes[i]], dtype=torch.float32, device=boxes.device)
                 boxes = torch.cat([boxes, qb])
-                names.append(qam_names[i])
+                cand_names.append(qam_names[i])
                 pq = None if pq is None else torch.cat([pq, qam_pq[i : i + 1]])
                 cq = None if cq is None else torch.cat([cq, qam_cq[i : i + 1]])
                 if td_table is not None:
                     td = torch.cat([td, box_means(td_table[i : i + 1], qb)[0]])
             if boxes.shape[0] == 0:
-                results.append(_empty_result(query, maps, i, view_box, comps, (width, height), cfg, notes, props.source))
+                results.append(_empty_result(query, maps, i, f.view_box, comps, f.image_size, cfg, notes, props.source))
                 continue
             s_bu = bottom_up(pq, cq) if use_com else None
             if s_bu is None and not use_sf:
@@ -396,7 +475,7 @@ class Grounder:
             box, chosen = select(boxes, fused, cfg.selection)
             cands = Candidates(
                 boxes=boxes.cpu(),
-                class_names=names,
+                class_names=cand_names,
                 qam_index=qam_index,
                 s_pq=None if pq is None else pq.cpu(),
                 s_cq=None if cq is None else cq.cpu(),
@@ -414,15 +493,47 @@ class Grounder:
                     attention=None if maps is None else maps.normalized[i].cpu(),
                     qam_box=qam_boxes[i],
                     s_iq=None if maps is None else float(maps.s_iq[i]),
-                    view_box=view_box,
+                    view_box=f.view_box if use_qam else None,
                     components=comps,
-                    image_size=(width, height),
+                    image_size=f.image_size,
                     selection=cfg.selection,
                     proposal_source=props.source,
-                    notes=list(notes),
+                    notes=notes,
                 )
             )
         return results
+
+
+@dataclass
+class ImageFeatures:
+    """The per-image work of BiCM, independent of how the scores are fused.
+
+    Attributes
+    ----------
+    queries: the (cleaned) phrases, Q of them.
+    image_size: ``(width, height)``.
+    proposals: the proposals after clipping, dropping and naming (N boxes).
+    text: ``(Q, E)`` query embeddings.
+    crop_feats: ``(N, E)`` proposal crop embeddings, or ``None``.
+    name_feats: ``(N, E)`` class-name embeddings, or ``None``.
+    maps: attention maps by kind (``"qa"``, ``"va"``), each ``(Q, H, W)``.
+    qam_boxes: QAM's box ``P_t`` per query, by kind.
+    qam_crop_feats: crop embedding of every distinct QAM box.
+    view_box: the part of the image CLIP's whole-image view covers.
+    notes: things worth knowing (naming, oracle proposals).
+    """
+
+    queries: list[str]
+    image_size: tuple[int, int]
+    proposals: Proposals
+    text: torch.Tensor
+    crop_feats: Optional[torch.Tensor]
+    name_feats: Optional[torch.Tensor]
+    maps: dict[str, AttentionMaps]
+    qam_boxes: dict[str, list[Optional[Box]]]
+    qam_crop_feats: dict[Box, torch.Tensor]
+    view_box: Optional[Box]
+    notes: list[str]
 
 
 def _qam_boxes(maps: AttentionMaps, cfg: BiCMConfig) -> list[Optional[Box]]:

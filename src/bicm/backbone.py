@@ -29,6 +29,7 @@ its patch map back on the right pixels of the original image.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import warnings
 import zipfile
@@ -275,6 +276,22 @@ class Backbone:
         if visual.attn_pool is not None or visual.pool_type != "tok":
             return f"QAM needs [CLS]-token pooling; {self.name} pools with {visual.pool_type!r}/attention pooling"
         return None
+
+    def fingerprint(self) -> str:
+        """Hash of the weights (and the autocast dtype): changes whenever the features would.
+
+        Computed once (about a second for ViT-B/32) and remembered.
+        """
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            digest = hashlib.blake2b(digest_size=12)
+            for key, tensor in sorted(self.model.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            cached = f"{digest.hexdigest()}-{str(self.amp).replace('torch.', '') if self.amp else 'fp32'}"
+            self._fingerprint = cached
+        return cached
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the encoders (no-op in fp32)."""

@@ -213,7 +213,7 @@ def ground(
         config=config,
     )
     if name_with is not None:
-        grounder.namer = ClipNamer(grounder.backbone, name_with, name_template)
+        grounder.namer = ClipNamer(grounder.backbone, name_with, name_template, encode_text=grounder.encoder.text)
     results = grounder.ground_many(pil, queries, props)
     if as_json:
         for result in results:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -70,20 +70,28 @@ class ClassNameEncoder:
     ----------
     template: a format string with one ``{}``, e.g. ``"{}"`` (the paper: the bare name)
         or ``"a photo of a {}."``.
+    encode_text: how texts become embeddings (default: the backbone; a cached encoder
+        can be passed).
     """
 
-    def __init__(self, backbone: Backbone, template: str = "{}") -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        template: str = "{}",
+        encode_text: Optional[Callable[[list[str]], torch.Tensor]] = None,
+    ) -> None:
         if template.count("{}") != 1:
             raise BicmError(f"class prompt template must contain exactly one {{}}, got {template!r}")
         self.backbone = backbone
         self.template = template
+        self.encode_text = encode_text or backbone.encode_text
         self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, names: Sequence[str]) -> torch.Tensor:
         """``(N, E)`` L2-normalised embeddings of ``names``."""
         missing = sorted({n for n in names if n not in self._cache})
         if missing:
-            feats = self.backbone.encode_text([self.template.format(n) for n in missing])
+            feats = self.encode_text([self.template.format(n) for n in missing])
             self._cache.update(zip(missing, feats))
         if not names:
             return torch.zeros(0, self.backbone.embed_dim, device=self.backbone.device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from PIL import Image
@@ -69,12 +69,20 @@ class ClipNamer:
     backbone: the CLIP that encodes crops and names.
     vocabulary: a :class:`Vocabulary`, or a spec for :meth:`Vocabulary.load`.
     template: prompt for each name (CLIP's usual ``"a photo of a {}."``).
+    encode_text: how the prompts become embeddings (default: the backbone).
     """
 
-    def __init__(self, backbone: Backbone, vocabulary: Union[Vocabulary, str, Path], template: str = "a photo of a {}.") -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocabulary: Union[Vocabulary, str, Path],
+        template: str = "a photo of a {}.",
+        encode_text: Optional[Callable[[list[str]], torch.Tensor]] = None,
+    ) -> None:
         if template.count("{}") != 1:
             raise BicmError(f"naming template must contain exactly one {{}}, got {template!r}")
         self.backbone = backbone
+        self.encode_text = encode_text or backbone.encode_text
         self.vocabulary = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.load(vocabulary)
         self.template = template
         self._text: Optional[torch.Tensor] = None
@@ -87,7 +95,7 @@ class ClipNamer:
     def text_features(self) -> torch.Tensor:
         """``(V, E)`` L2-normalised prompt embeddings of the vocabulary (computed once)."""
         if self._text is None:
-            self._text = self.backbone.encode_text([self.template.format(n) for n in self.vocabulary.names])
+            self._text = self.encode_text([self.template.format(n) for n in self.vocabulary.names])
         return self._text
 
     def classify(self, crop_features: torch.Tensor) -> tuple[list[str], torch.Tensor]:

@@ -1,0 +1,100 @@
+"""Text, crop and proposal computations routed through the optional feature cache."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+from .backbone import Backbone, PreprocessSpec
+from .cache import FeatureCache
+from .com import encode_crops
+from .proposals import Proposals
+from .proposals.sources import ProposalSource
+
+__all__ = ["Encoder", "image_digest"]
+
+
+def image_digest(image: Image.Image) -> str:
+    """Hash of the decoded pixels (and size): the image's identity in cache keys."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=12)
+    digest.update(f"{image.size}{image.mode}".encode())
+    return digest.hexdigest()
+
+
+def _spec_key(spec: PreprocessSpec) -> str:
+    return f"{spec.size[0]}x{spec.size[1]},{spec.resize_mode},{spec.interpolation},{spec.fill},{spec.mean},{spec.std}"
+
+
+class Encoder:
+    """What the pipeline encodes, with a :class:`~bicm.cache.FeatureCache` when given.
+
+    Without a cache every call computes; with one, results are looked up first and the
+    missing ones computed in a batch and stored.
+    """
+
+    def __init__(self, backbone: Backbone, cache: Optional[FeatureCache] = None) -> None:
+        self.backbone = backbone
+        self.cache = cache
+
+    def text(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, E)`` L2-normalised text embeddings."""
+        texts = list(texts)
+        if self.cache is None or not texts:
+            return self.backbone.encode_text(texts)
+        model = self.backbone.fingerprint()
+        keys = [f"text|{model}|{t}" for t in texts]
+        found = self.cache.get_many(keys)
+        missing = sorted({t for t, k in zip(texts, keys) if k not in found})
+        if missing:
+            feats = self.backbone.encode_text(missing)
+            new = {f"text|{model}|{t}": ({"f": f}, {}) for t, f in zip(missing, feats)}
+            self.cache.put_many(new)
+            found.update(new)
+        return torch.stack([found[k][0]["f"] for k in keys]).to(self.backbone.device)
+
+    def crops(
+        self, image: Image.Image, boxes: torch.Tensor, spec: PreprocessSpec, batch_size: int = 64, digest: Optional[str] = None
+    ) -> torch.Tensor:
+        """``(N, E)`` L2-normalised crop embeddings of ``(N, 4)`` xyxy boxes."""
+        if self.cache is None or boxes.shape[0] == 0:
+            return encode_crops(self.backbone, image, boxes, spec, batch_size)
+        digest = digest or image_digest(image)
+        prefix = f"crop|{self.backbone.fingerprint()}|{_spec_key(spec)}|{digest}|"
+        keys = [prefix + ",".join(f"{v:.2f}" for v in box) for box in boxes.tolist()]
+        found = self.cache.get_many(keys)
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        if todo:
+            feats = encode_crops(self.backbone, image, boxes[todo], spec, batch_size)
+            new = {keys[i]: ({"f": f}, {}) for i, f in zip(todo, feats)}
+            self.cache.put_many(new)
+            found.update(new)
+        return torch.stack([found[k][0]["f"] for k in keys]).to(self.backbone.device)
+
+    def proposals(self, source: ProposalSource, image: Image.Image, key: Optional[str], digest: Optional[str] = None) -> Proposals:
+        """``source``'s proposals of ``image``."""
+        if self.cache is None:
+            return source(image, key)
+        cache_key = f"props|{source.id}|{digest or image_digest(image)}"
+        hit = self.cache.get_many([cache_key]).get(cache_key)
+        if hit is not None:
+            tensors, meta = hit
+            return Proposals(
+                tensors["boxes"],
+                tensors.get("scores"),
+                meta.get("class_names"),
+                meta["source"],
+                dict(meta.get("meta", {})),
+                tensors.get("name_scores"),
+            )
+        found = source(image, key)
+        tensors = {"boxes": found.boxes}
+        if found.scores is not None:
+            tensors["scores"] = found.scores
+        if found.name_scores is not None:
+            tensors["name_scores"] = found.name_scores
+        meta = {"class_names": found.class_names, "source": found.source, "meta": found.meta}
+        self.cache.put_many({cache_key: (tensors, meta)})
+        return found
