@@ -135,12 +135,12 @@ def test_appender_resumes_and_drops_a_cut_line(tmp_path):
     path = tmp_path / "run.jsonl"
     with DetectionsAppender(path) as out:
         for key, p in entries().items():
-            out.append(key, p)
+            out.add(key, p)
     with open(path, "a") as handle:
         handle.write('{"image": "half-writ')  # a crash in the middle of a record
     again = DetectionsAppender(path)
     assert again.done == set(entries())
-    again.append("third.jpg", Proposals(torch.tensor([[0.0, 0.0, 1.0, 1.0]])))
+    again.add("third.jpg", Proposals(torch.tensor([[0.0, 0.0, 1.0, 1.0]])))
     again.close()
     assert len(read_proposals_file(path)) == 3
 

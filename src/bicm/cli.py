@@ -228,6 +228,112 @@ def ground(
         print(f"bicm: wrote {save_vis}", file=sys.stderr)
 
 
+@app.command("eval")
+@user_errors
+def evaluate_command(
+    dataset: str = typer.Option(..., help="flickr, referit, unc, unc+, gref, gref_umd (TransVG files), refcoco, refcoco+, refcocog, refclef (refer API), flickr30k_entities (raw), jsonl."),
+    split: str = typer.Option(..., help="test, val, testA, testB, ..."),
+    annotations: Path = typer.Option(..., help="Annotation folder or file of the dataset (see bicm.data)."),
+    images: Path = typer.Option(..., help="Image folder; every image is checked before work starts."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (predictions.jsonl, summary.json, table.md) [default: runs/DATASET-SPLIT]."),
+    ablation: str = typer.Option("all", help="table4, table5, table6, all or none (the full method only)."),
+    summary_json: Optional[Path] = typer.Option(None, help="Also write the summary JSON here."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N queries."),
+    part: Optional[str] = typer.Option(None, help="Shard K/N of the images (merge shards with 'bicm eval-merge')."),
+    cache: Optional[Path] = typer.Option(None, help="Feature cache file [default: ~/.cache/bicm/features.sqlite]."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything, store nothing."),
+    selection: str = typer.Option("paper", help="paper (union of above-mean boxes on Flickr30K, largest above-mean elsewhere), argmax, union-above-mean, largest-above-mean."),
+    proposals: Optional[str] = typer.Option(
+        None, "--proposals", "-p", help="selective-search, faster-rcnn, a detections file, or oracle (the dataset's boxes; analysis only)."
+    ),
+    top_n: int = TOP_N_OPT,
+    ss_mode: SsModeOpt = SS_MODE_OPT,
+    score_floor: float = SCORE_FLOOR_OPT,
+    detector_arch: str = DETECTOR_ARCH_OPT,
+    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
+    file_format: FileFormatOpt = FILE_FORMAT_OPT,
+    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
+    tsv_class_offset: int = TSV_OFFSET_OPT,
+    name_with: Optional[str] = NAME_WITH_OPT,
+    name_template: str = NAME_TEMPLATE_OPT,
+    model: Optional[str] = MODEL_OPT,
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
+    device: str = DEVICE_OPT,
+    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
+    lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
+    import os
+
+    from .api import BiCMConfig, Grounder
+    from .backbone import load_backbone
+    from .cache import FeatureCache
+    from .data import load_dataset
+    from .evaluate import ablation_rows, paper_selection, run_eval
+    from .proposals.naming import ClipNamer
+    from .proposals.sources import make_source
+
+    samples = load_dataset(dataset, split, annotations, image_root=images)
+    policy = paper_selection(dataset) if selection == "paper" else selection
+    base = BiCMConfig(thr_a=thr_a, lambda_t=lambda_t, selection=policy)  # type: ignore[arg-type]
+    rows = ablation_rows(ablation, base)
+    feature_cache = None
+    if not no_cache:
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicm" / "features.sqlite"
+        feature_cache = FeatureCache(cache or default)
+    source: Any = None
+    if proposals == "oracle":
+        source = "oracle"
+        print("bicm: warning: ORACLE proposals (ground-truth boxes): for analysis, not a real result", file=sys.stderr)
+    elif proposals is not None:
+        options = _source_options(
+            top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
+        )
+        source = make_source(proposals, **options)
+    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
+    grounder = Grounder(backbone, base, cache=feature_cache)
+    if name_with is not None:
+        grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
+    if out is None:
+        out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
+    run_dir = out
+    summary = run_eval(
+        grounder, samples, images, run_dir, rows, dataset=dataset, split=split, source=source,
+        part=part, limit=limit, progress=not no_progress,
+    )
+    _report(summary, run_dir, summary_json, feature_cache)
+
+
+@app.command("eval-merge")
+@user_errors
+def eval_merge(
+    shards: List[Path] = typer.Argument(..., help="Run folders of the --part shards."),
+    out: Path = typer.Option(..., help="Folder for the merged run."),
+    summary_json: Optional[Path] = typer.Option(None, help="Also write the summary JSON here."),
+) -> None:
+    """Merge the run folders of 'bicm eval --part K/N' shards and summarise them."""
+    from .evaluate import merge_runs
+
+    _report(merge_runs(shards, out), out, summary_json, None)
+
+
+def _report(summary: dict, run_dir: Path, summary_json: Optional[Path], feature_cache: Any) -> None:
+    from .atomic import atomic_write_text
+    from .evaluate import markdown_table
+
+    if summary_json is not None:
+        atomic_write_text(summary_json, json.dumps(summary, indent=1) + "\n")
+    typer.echo(markdown_table(summary))
+    if feature_cache is not None:
+        stats = feature_cache.stats
+        print(f"bicm: feature cache {feature_cache.path}: {stats.hits} hits, {stats.misses} misses", file=sys.stderr)
+    print(f"bicm: wrote {run_dir}/predictions.jsonl, summary.json, table.md", file=sys.stderr)
+
+
 proposals_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None, help="Make, read and convert object proposals (detections files)."
 )
@@ -293,7 +399,7 @@ def proposals_extract(
                     if namer is not None and len(found) and not found.fully_named:
                         found = namer.name(found, pil)
                     found.meta["image_size"] = [pil.width, pil.height]
-                    out.append(key, found)
+                    out.add(key, found)
                 except _Err as exc:  # one bad image must not stop a dataset
                     failed.append(f"{key}: {exc}")
                 progress.advance(task)

@@ -7,6 +7,7 @@
   ``refclef``; ``annotations`` is the folder of ``refs(<split_by>).p`` and ``instances.json``.
 - Raw Flickr30K Entities (:mod:`bicm.data.flickr30k`): ``flickr30k_entities``;
   ``annotations`` is the folder of ``Annotations/``, ``Sentences/`` and ``<split>.txt``.
+- Your own JSON Lines (:mod:`bicm.data.jsonl`): ``jsonl``; ``annotations`` is the file.
 
 Example::
 
@@ -27,6 +28,7 @@ from typing import Any, Optional, Union
 
 from ..errors import BicmError
 from .flickr30k import read_flickr30k_entities
+from .jsonl import read_jsonl_dataset
 from .refer import REFER_DATASETS, read_refer
 from .sample import BOX_CONVENTIONS, Box, GroundingSample, check_images, to_xyxy, union_box
 from .transvg import TRANSVG_CONVENTIONS, TRANSVG_SPLITS, parse_split_name, read_transvg_split, transvg_file
@@ -40,6 +42,7 @@ __all__ = [
     "check_images",
     "load_dataset",
     "read_flickr30k_entities",
+    "read_jsonl_dataset",
     "read_refer",
     "read_transvg_split",
     "to_xyxy",
@@ -58,7 +61,7 @@ class DatasetInfo:
     """
 
     name: str
-    reader: str  # "transvg", "refer" or "flickr30k_entities"
+    reader: str  # "transvg", "refer", "flickr30k_entities" or "jsonl"
     splits: tuple[str, ...]
     description: str
 
@@ -82,6 +85,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "flickr30k_entities": DatasetInfo(
         "flickr30k_entities", "flickr30k_entities", ("train", "val", "test"), "Flickr30K Entities (raw annotations)"
     ),
+    "jsonl": DatasetInfo("jsonl", "jsonl", (), "your own JSON Lines file (any split name)"),
 }
 
 
@@ -149,6 +153,10 @@ def load_dataset(
         if split_by not in REFER_DATASETS[name]:
             raise BicmError(f"{name!r} has no {split_by!r} partition; choose one of {', '.join(REFER_DATASETS[name])}")
         samples = read_refer(annotations, split, split_by, query_field=query_field)
+    elif info.reader == "jsonl":
+        if not annotations.is_file():
+            raise BicmError(f"dataset jsonl needs annotations= the .jsonl file, not {annotations}")
+        samples = read_jsonl_dataset(annotations, split)
     else:
         if split_file is None and split not in info.splits:
             raise BicmError(f"unknown split {split!r} for {name!r}; choose one of {', '.join(info.splits)}")
@@ -175,6 +183,7 @@ def _check_applicable(info: DatasetInfo, **given: Any) -> None:
         "transvg": {"box_convention"},
         "refer": {"split_by", "query_field"},
         "flickr30k_entities": {"split_file"},
+        "jsonl": set(),
     }[info.reader]
     wrong = sorted(k for k, v in given.items() if v is not None and k not in applies)
     if wrong:

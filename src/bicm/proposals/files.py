@@ -26,7 +26,6 @@ formats (:mod:`bicm.proposals.formats`).
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from ..atomic import atomic_write_text
 from ..errors import BicmError
+from ..jsonl import JsonlAppender
 from . import Proposals
 
 __all__ = [
@@ -281,51 +281,16 @@ def write_detections(path: Union[str, Path], entries: Mapping[str, Proposals]) -
     return atomic_write_text(path, text)
 
 
-class DetectionsAppender:
+class DetectionsAppender(JsonlAppender):
     """Append bicm JSONL records one image at a time, so long runs can resume.
 
     Opening an existing file reads the images it already holds (:attr:`done`); a last line
     cut short by a crash is removed. Every record is flushed and fsynced before
-    :meth:`append` returns, so at most the image in flight is lost.
+    :meth:`add` returns, so at most the image in flight is lost.
     """
 
     def __init__(self, path: Union[str, Path]) -> None:
-        self.path = Path(path)
-        self.done: set[str] = set()
-        if self.path.exists():
-            self._recover()
-        self._handle = open(self.path, "a", encoding="utf-8")
+        super().__init__(path, key_field="image")
 
-    def _recover(self) -> None:
-        data = self.path.read_bytes()
-        good = data.rfind(b"\n") + 1  # everything after the last newline is a cut record
-        lines = data[:good].decode("utf-8", errors="replace").splitlines()
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise BicmError(f"{self.path} line {number} is not valid JSON; not appending to it") from None
-            key = record.get("image") if isinstance(record, dict) else None
-            if key is None:
-                raise BicmError(f"{self.path} line {number} has no image; not appending to it")
-            self.done.add(str(key))
-        if good < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(good)
-
-    def append(self, key: str, proposals: Proposals) -> None:
-        self._handle.write(json.dumps(to_record(key, proposals)) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self.done.add(key)
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> "DetectionsAppender":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def add(self, key: str, proposals: Proposals) -> None:
+        self.append([to_record(key, proposals)])

@@ -1,0 +1,57 @@
+"""Your own dataset as JSON Lines: one image-query pair per line.
+
+::
+
+    {"image": "photos/1.jpg", "query": "the dog on the left", "box": [x1, y1, x2, y2]}
+    {"image": "photos/1.jpg", "query": "two people", "boxes": [[...], [...]], "box_format": "xywh", "id": "q7"}
+
+``box`` or ``boxes`` (several boxes: the ground truth is their union); ``box_format`` is
+``xyxy`` (default, exclusive ``x2``/``y2``) or ``xywh``; ``id`` defaults to the line number.
+Lines may carry a ``split`` field; then only the lines of the asked split are read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from ..errors import BicmError
+from ..jsonl import read_jsonl
+from .sample import GroundingSample, is_proper_box, to_xyxy
+
+__all__ = ["read_jsonl_dataset"]
+
+
+def read_jsonl_dataset(path: Union[str, Path], split: Optional[str] = None) -> list[GroundingSample]:
+    """Read a JSON Lines dataset (see the module docs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BicmError(f"dataset file not found: {path}")
+    samples = []
+    seen: set[str] = set()
+    for number, record in enumerate(read_jsonl(path, drop_cut_tail=False), start=1):
+        where = f"{path.name} line {number}"
+        if split is not None and "split" in record and record["split"] != split:
+            continue
+        image, query = record.get("image"), record.get("query")
+        if not isinstance(image, str) or not image:
+            raise BicmError(f"{where}: no 'image'")
+        if not isinstance(query, str) or not query.strip():
+            raise BicmError(f"{where}: no 'query'")
+        raw = record.get("boxes") if "boxes" in record else [record.get("box")]
+        if not isinstance(raw, list) or not raw or any(b is None for b in raw):
+            raise BicmError(f"{where}: no 'box' or 'boxes'")
+        fmt = record.get("box_format", "xyxy")
+        if fmt not in ("xyxy", "xywh"):
+            raise BicmError(f"{where}: unknown box_format {fmt!r}")
+        boxes = [to_xyxy(b, fmt) for b in raw]
+        if not all(is_proper_box(b) for b in boxes):
+            raise BicmError(f"{where}: a box is empty or inverted")
+        sample_id = str(record.get("id", number))
+        if sample_id in seen:
+            raise BicmError(f"{where}: id {sample_id!r} appears twice")
+        seen.add(sample_id)
+        samples.append(GroundingSample.from_boxes(sample_id, Path(image).stem, image, query, boxes))
+    if not samples:
+        raise BicmError(f"{path} holds no samples" + (f" of split {split!r}" if split else ""))
+    return samples

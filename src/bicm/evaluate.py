@@ -1,0 +1,446 @@
+"""Evaluation: Acc@0.5 of the paper's ablation rows from one pass over a dataset.
+
+A run works image by image: the per-image features (proposals, crop and class-name
+embeddings, query-aware and vanilla maps, QAM boxes) are extracted ONCE
+(:meth:`bicm.api.Grounder.extract`) and every ablation row only re-scores them
+(:meth:`bicm.api.Grounder.score`). Predictions are appended to ``predictions.jsonl`` one
+image at a time (fsynced), so a killed run resumes where it stopped when the same command
+runs again; the summary is computed from that file, so an interrupted and resumed run gives
+the same numbers as an uninterrupted one.
+
+Rows (named as in the paper):
+
+* ``table4``: QAM, COM, QAM+COM, QAM+COM+SF;
+* ``table5``: COM, QAM (VA) + COM, QAM (QA) + COM, QAM (VA) + COM + SF, QAM (QA) + COM + SF;
+* ``table6``: object class name, visual object, visual object + class name (COM only).
+
+A prediction is correct when its IoU with the ground-truth box is above 0.5 (Sec. 4.1).
+Accuracies come with a 95% Wilson score interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torchvision.ops import box_iou
+
+from .api import BiCMConfig, Grounder, config_dict
+from .atomic import atomic_write_text
+from .data import GroundingSample
+from .errors import BicmError, warn
+from .imageio import load_image
+from .jsonl import JsonlAppender, read_jsonl
+from .paper import paper_numbers
+from .proposals import Proposals
+from .proposals.sources import ORACLE_ID, ProposalSource
+
+__all__ = [
+    "ABLATIONS",
+    "MAIN_ROW",
+    "ablation_rows",
+    "paper_selection",
+    "wilson_interval",
+    "EvalRun",
+    "run_eval",
+    "summarize",
+    "markdown_table",
+    "merge_runs",
+]
+
+MAIN_ROW = "QAM+COM+SF"
+
+_QA = dict(attention="qa")
+ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "table4": [
+        ("QAM", dict(components=("qam",), **_QA)),
+        ("COM", dict(components=("com",))),
+        ("QAM+COM", dict(components=("qam", "com"), **_QA)),
+        (MAIN_ROW, dict(components=("qam", "com", "sf"), **_QA)),
+    ],
+    "table5": [
+        ("COM", dict(components=("com",))),
+        ("QAM (VA) + COM", dict(components=("qam", "com"), attention="va")),
+        ("QAM (QA) + COM", dict(components=("qam", "com"), **_QA)),
+        ("QAM (VA) + COM + SF", dict(components=("qam", "com", "sf"), attention="va")),
+        ("QAM (QA) + COM + SF", dict(components=("qam", "com", "sf"), **_QA)),
+    ],
+    "table6": [
+        ("object class name", dict(components=("com",), com_mode="class")),
+        ("visual object", dict(components=("com",), com_mode="visual")),
+        ("visual object + class name", dict(components=("com",), com_mode="both")),
+    ],
+}
+
+
+def paper_selection(dataset: str) -> str:
+    """The paper's selection protocol (Sec. 4.1): the union of the above-mean boxes on
+    Flickr30K (phrases may cover several boxes), the largest above-mean box elsewhere."""
+    return "union-above-mean" if dataset in ("flickr", "flickr30k_entities") else "largest-above-mean"
+
+
+def ablation_rows(ablation: str, base: BiCMConfig) -> list[tuple[str, BiCMConfig]]:
+    """The named configs of an ablation (``table4``, ``table5``, ``table6``, ``all`` or
+    ``none``); :data:`MAIN_ROW` (the full training-free method) is always among them."""
+    if ablation == "all":
+        names = ["table4", "table5", "table6"]
+    elif ablation == "none":
+        names = []
+    elif ablation in ABLATIONS:
+        names = [ablation]
+    else:
+        raise BicmError(f"unknown ablation {ablation!r}; use table4, table5, table6, all or none")
+    rows: "OrderedDict[str, BiCMConfig]" = OrderedDict()
+    rows[MAIN_ROW] = base.replace(**ABLATIONS["table4"][-1][1])
+    for name in names:
+        for row, changes in ABLATIONS[name]:
+            rows.setdefault(row, base.replace(**changes))
+    return list(rows.items())
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved at 0, 1 and small n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if hits == 0 else max(0.0, centre - half)  # exact ends where rounding would miss them
+    high = 1.0 if hits == n else min(1.0, centre + half)
+    return (low, high)
+
+
+@dataclass
+class EvalRun:
+    """What a run is: written to ``run.json``; a resumed run must match it."""
+
+    dataset: str
+    split: str
+    proposals: str
+    model: str
+    rows: list[str]
+    config: dict[str, Any]
+    part: Optional[str] = None
+    limit: Optional[int] = None
+
+    def same_work(self, other: "EvalRun") -> bool:
+        mine, theirs = asdict(self), asdict(other)
+        return all(mine[k] == theirs[k] for k in ("dataset", "split", "proposals", "model", "rows", "config"))
+
+
+def _group_by_image(samples: Sequence[GroundingSample]) -> "OrderedDict[str, list[GroundingSample]]":
+    groups: "OrderedDict[str, list[GroundingSample]]" = OrderedDict()
+    for sample in samples:
+        groups.setdefault(sample.image_file, []).append(sample)
+    return groups
+
+
+def select_part(samples: Sequence[GroundingSample], part: Optional[str], limit: Optional[int]) -> list[GroundingSample]:
+    """The samples of shard ``part`` (``"K/N"``, by image) and at most ``limit`` queries."""
+    groups = list(_group_by_image(samples).values())
+    if part:
+        try:
+            k, n = (int(v) for v in part.split("/"))
+        except ValueError:
+            raise BicmError(f"--part must look like K/N (e.g. 2/4), got {part!r}") from None
+        if not 1 <= k <= n:
+            raise BicmError(f"--part {part}: K must be between 1 and N")
+        groups = groups[(k - 1) * len(groups) // n : k * len(groups) // n]
+    chosen = [s for group in groups for s in group]
+    if limit is not None:
+        if limit < 1:
+            raise BicmError("--limit must be at least 1")
+        chosen = chosen[:limit]
+    return chosen
+
+
+def _needs(rows: Sequence[tuple[str, BiCMConfig]]) -> dict[str, Any]:
+    kinds = sorted({c.attention for _, c in rows if "qam" in c.components})
+    visual = any("com" in c.components and c.com_mode in ("both", "visual") for _, c in rows)
+    names = any("com" in c.components and c.com_mode in ("both", "class") for _, c in rows)
+    return dict(kinds=kinds, visual=visual, names=names)
+
+
+def _oracle(group: Sequence[GroundingSample]) -> Proposals:
+    boxes = sorted({b for s in group for b in s.boxes})
+    return Proposals(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), source=ORACLE_ID)
+
+
+def run_eval(
+    grounder: Grounder,
+    samples: Sequence[GroundingSample],
+    image_root: Union[str, Path],
+    out_dir: Union[str, Path],
+    rows: Sequence[tuple[str, BiCMConfig]],
+    *,
+    dataset: str,
+    split: str,
+    source: Union[ProposalSource, str, None],
+    part: Optional[str] = None,
+    limit: Optional[int] = None,
+    progress: bool = True,
+    on_image: Optional[Callable[[int], None]] = None,
+) -> dict[str, Any]:
+    """Evaluate ``rows`` on ``samples`` and write predictions, summary and table.
+
+    Parameters
+    ----------
+    source: a proposal source, ``"oracle"`` (the dataset's own ground-truth boxes, labelled
+        as the oracle everywhere), or ``None`` (no proposals: QAM's box alone).
+    on_image: called with the number of finished images (tests use it).
+
+    Returns
+    -------
+    The summary (also written to ``out_dir/summary.json``).
+    """
+    out_dir = Path(out_dir)
+    image_root = Path(image_root)
+    chosen = select_part(samples, part, limit)
+    if not chosen:
+        raise BicmError("no samples to evaluate")
+    source_id = ORACLE_ID if source == "oracle" else ("none" if source is None else source.id)  # type: ignore[union-attr]
+    run = EvalRun(
+        dataset=dataset,
+        split=split,
+        proposals=source_id,
+        model=f"{grounder.backbone.name}@{grounder.backbone.fingerprint()}",
+        rows=[name for name, _ in rows],
+        config=config_dict(rows[0][1]),
+        part=part,
+        limit=limit,
+    )
+    _check_run_file(out_dir, run)
+    needs = _needs(rows)
+    groups = _group_by_image(chosen)
+    predictions = out_dir / "predictions.jsonl"
+    errors = 0
+    with JsonlAppender(predictions, key_field="id") as out:
+        todo = [(image, [s for s in group if s.sample_id not in out.done]) for image, group in groups.items()]
+        todo = [(image, group) for image, group in todo if group]
+        done_queries = len(chosen) - sum(len(g) for _, g in todo)
+        if done_queries:
+            print_note(f"resuming: {done_queries} of {len(chosen)} queries already in {predictions}")
+        hits = {"n": 0, "k": 0}
+        with _progress(progress, len(chosen), done_queries) as bar:
+            for index, (image_file, group) in enumerate(todo):
+                records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source)
+                errors += sum(1 for r in records if r.get("error"))
+                out.append(records)
+                for r in records:
+                    hits["n"] += 1
+                    hits["k"] += int(r["rows"].get(MAIN_ROW, {}).get("hit", False))
+                bar.advance(len(group), hits["k"] / max(1, hits["n"]))
+                if on_image is not None:
+                    on_image(index + 1)
+    records = {r["id"]: r for r in read_jsonl(predictions)}
+    wanted = [records[s.sample_id] for s in chosen if s.sample_id in records]
+    summary = summarize(wanted, run)
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out_dir / "table.md", markdown_table(summary))
+    if errors:
+        warn(f"{errors} queries could not be evaluated (their image failed; see 'error' in the predictions); they count as misses")
+    skipped = {row["name"]: row["not_applicable"] for row in summary["rows"] if row.get("not_applicable")}
+    for name, count in skipped.items():
+        warn(f"row {name!r} did not apply to {count} queries (e.g. class names needed but the proposals have none)")
+    return summary
+
+
+def _evaluate_image(
+    grounder: Grounder,
+    image_root: Path,
+    image_file: str,
+    group: Sequence[GroundingSample],
+    rows: Sequence[tuple[str, BiCMConfig]],
+    needs: dict[str, Any],
+    source: Union[ProposalSource, str, None],
+) -> list[dict[str, Any]]:
+    try:
+        pil = load_image(image_root / image_file, exif_transpose=False)  # annotations use the stored pixels
+        props: Any = _oracle(group) if source == "oracle" else source
+        features = grounder.extract(pil, [s.query for s in group], props, image_key=image_file, **needs)
+    except BicmError as exc:  # one bad image must not end a dataset run
+        return [
+            {"id": s.sample_id, "image": image_file, "query": s.query, "gt": list(s.box), "rows": {}, "error": str(exc)}
+            for s in group
+        ]
+    scored: dict[str, Any] = {}
+    for name, cfg in rows:
+        try:
+            scored[name] = grounder.score(features, cfg)
+        except BicmError as exc:  # e.g. a class-name row on unnamed proposals: not applicable here
+            scored[name] = str(exc)
+    records = []
+    for i, sample in enumerate(group):
+        gt = torch.tensor([sample.box], dtype=torch.float32)
+        row_out: dict[str, Any] = {}
+        for name, results in scored.items():
+            if isinstance(results, str):
+                row_out[name] = {"skipped": results}
+                continue
+            r = results[i]
+            iou = 0.0 if r.box is None else float(box_iou(torch.tensor([r.box]), gt)[0, 0])
+            row_out[name] = {
+                "box": None if r.box is None else [round(v, 2) for v in r.box],
+                "score": r.score,
+                "iou": round(iou, 4),
+                "hit": iou > 0.5,
+            }
+        main = scored[MAIN_ROW][i] if not isinstance(scored[MAIN_ROW], str) else None
+        chosen = main.selected[0] if main is not None and main.selected else None
+        components = {}
+        if main is not None and chosen is not None:
+            c = main.candidates
+            for key in ("s_pq", "s_cq", "s_td"):
+                value = getattr(c, key)
+                components[key] = None if value is None else float(value[chosen])
+            components["from_qam"] = chosen == c.qam_index
+        records.append(
+            {
+                "id": sample.sample_id,
+                "image": image_file,
+                "query": sample.query,
+                "gt": [round(v, 2) for v in sample.box],
+                "rows": row_out,
+                "components": components,
+                "proposals": len(features.proposals),
+            }
+        )
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]], run: EvalRun) -> dict[str, Any]:
+    """Accuracy, 95% CI and n of every row over ``records``."""
+    rows = []
+    for name in run.rows:
+        # queries where the row does not apply (e.g. class names on unnamed proposals) are not counted;
+        # queries of unreadable images count as misses
+        counted = [r for r in records if "skipped" not in r["rows"].get(name, {})]
+        n = len(counted)
+        k = sum(1 for r in counted if r["rows"].get(name, {}).get("hit"))
+        lo, hi = wilson_interval(k, n)
+        row = {"name": name, "accuracy": k / n if n else 0.0, "ci_low": lo, "ci_high": hi, "n": n}
+        if n < len(records):
+            row["not_applicable"] = len(records) - n
+        rows.append(row)
+    return {
+        "dataset": run.dataset,
+        "split": run.split,
+        "proposals": run.proposals,
+        "oracle": run.proposals == ORACLE_ID,
+        "model": run.model,
+        "selection": run.config.get("selection"),
+        "errors": sum(1 for r in records if r.get("error")),
+        "rows": rows,
+    }
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """Our rows beside the paper's published numbers for the same dataset and split."""
+    paper = paper_numbers(summary["dataset"], summary["split"]) or {}
+    title = f"{summary['dataset']} {summary['split']}"
+    lines = []
+    if summary.get("oracle"):
+        lines.append("**ORACLE run: ground-truth boxes as proposals (analysis only, not a real result).**\n")
+    lines += [
+        f"Acc@0.5 on {title} (proposals: `{summary['proposals']}`, selection: `{summary['selection']}`, "
+        f"model: `{summary['model']}`)",
+        "",
+        "| row | ours (%) | 95% CI | n | paper (%) |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for row in summary["rows"]:
+        published = paper.get(row["name"])
+        lines.append(
+            f"| {row['name']} | {100 * row['accuracy']:.2f} | {100 * row['ci_low']:.2f}-{100 * row['ci_high']:.2f} "
+            f"| {row['n']} | {'' if published is None else f'{published:.2f}'} |"
+        )
+    for name, value in paper.items():
+        if name not in {row["name"] for row in summary["rows"]}:
+            lines.append(f"| {name} (paper only) | | | | {value:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_runs(shards: Sequence[Union[str, Path]], out_dir: Union[str, Path]) -> dict[str, Any]:
+    """Merge the predictions of ``--part`` shards into one run and summarise it."""
+    out_dir = Path(out_dir)
+    runs, records = [], {}
+    for shard in shards:
+        shard = Path(shard)
+        run_file, predictions = shard / "run.json", shard / "predictions.jsonl"
+        if not run_file.is_file() or not predictions.is_file():
+            raise BicmError(f"{shard} is not an eval run folder (run.json and predictions.jsonl)")
+        runs.append(EvalRun(**json.loads(run_file.read_text())))
+        for record in read_jsonl(predictions):
+            previous = records.get(record["id"])
+            if previous is not None and previous["rows"] != record["rows"]:
+                raise BicmError(f"query {record['id']} differs between shards")
+            records[record["id"]] = record
+    if any(not runs[0].same_work(r) for r in runs[1:]):
+        raise BicmError("the shards were made with different settings (dataset, model, proposals or rows)")
+    merged = EvalRun(**{**asdict(runs[0]), "part": None, "limit": None})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "run.json", json.dumps(asdict(merged), indent=1) + "\n")
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
+    summary = summarize(list(records.values()), merged)
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out_dir / "table.md", markdown_table(summary))
+    return summary
+
+
+def _check_run_file(out_dir: Path, run: EvalRun) -> None:
+    path = out_dir / "run.json"
+    if path.is_file():
+        try:
+            previous = EvalRun(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            raise BicmError(f"{path} is not a bicm run file; use another --out") from None
+        if not previous.same_work(run):
+            raise BicmError(f"{out_dir} holds a run with other settings; use another --out (or delete it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(asdict(run), indent=1) + "\n")
+
+
+def print_note(message: str) -> None:
+    import sys
+
+    print(f"bicm: {message}", file=sys.stderr)
+
+
+class _progress:
+    """A rich progress bar (queries, ETA, running accuracy of the main row), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+        self._bar: Any = None
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> "_progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("eval"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[acc]}"),
+                transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("eval", total=self.total, completed=self.done, acc="")
+        return self
+
+    def advance(self, n: int, accuracy: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, acc=f"{MAIN_ROW} {100 * accuracy:.1f}%")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
