@@ -8,6 +8,8 @@
 - Raw Flickr30K Entities (:mod:`bicm.data.flickr30k`): ``flickr30k_entities``;
   ``annotations`` is the folder of ``Annotations/``, ``Sentences/`` and ``<split>.txt``.
 - Your own JSON Lines (:mod:`bicm.data.jsonl`): ``jsonl``; ``annotations`` is the file.
+- The shapes world (:mod:`bicm.shapes.dataset`): ``shapes``; ``annotations`` is its folder,
+  by default ``~/.cache/bicm/shapes-v1`` (generated on first use; the images are there too).
 
 Example::
 
@@ -61,7 +63,7 @@ class DatasetInfo:
     """
 
     name: str
-    reader: str  # "transvg", "refer", "flickr30k_entities" or "jsonl"
+    reader: str  # "transvg", "refer", "flickr30k_entities", "jsonl" or "shapes"
     splits: tuple[str, ...]
     description: str
 
@@ -86,6 +88,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "flickr30k_entities", "flickr30k_entities", ("train", "val", "test"), "Flickr30K Entities (raw annotations)"
     ),
     "jsonl": DatasetInfo("jsonl", "jsonl", (), "your own JSON Lines file (any split name)"),
+    "shapes": DatasetInfo("shapes", "shapes", ("test", "val"), "the shapes world (generated, offline)"),
 }
 
 
@@ -131,6 +134,13 @@ def load_dataset(
     info = DATASETS.get(name)
     if info is None:
         raise BicmError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if info.reader == "shapes":
+        from ..shapes.dataset import read_shapes
+
+        samples = read_shapes(annotations, split)
+        if image_root is not None:
+            check_images(samples, image_root)
+        return samples
     if annotations is None:
         raise BicmError(f"dataset {name!r} needs annotations= (the folder holding its annotation files)")
     annotations = Path(annotations).expanduser()
@@ -184,6 +194,7 @@ def _check_applicable(info: DatasetInfo, **given: Any) -> None:
         "refer": {"split_by", "query_field"},
         "flickr30k_entities": {"split_file"},
         "jsonl": set(),
+        "shapes": set(),
     }[info.reader]
     wrong = sorted(k for k, v in given.items() if v is not None and k not in applies)
     if wrong:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 from ..boxes import Box, union_box
 from ..errors import BicmError
@@ -109,6 +109,9 @@ class GroundingSample:
         image pixels; one element for single-box datasets.
     box
         The box that Acc@0.5 is measured against: the union of ``boxes`` when there are several.
+    kind
+        The query's type where a dataset knows it (the shapes world: ``category``,
+        ``attribute``, ``position``, ``plural``); evaluation reports accuracy per kind.
     """
 
     sample_id: str
@@ -117,14 +120,21 @@ class GroundingSample:
     query: str
     boxes: tuple[Box, ...]
     box: Box
+    kind: Optional[str] = None
 
     @classmethod
     def from_boxes(
-        cls, sample_id: str, image_id: str, image_file: str, query: str, boxes: Sequence[Sequence[float]]
+        cls,
+        sample_id: str,
+        image_id: str,
+        image_file: str,
+        query: str,
+        boxes: Sequence[Sequence[float]],
+        kind: Optional[str] = None,
     ) -> "GroundingSample":
         """Build a sample whose :attr:`box` is the union of ``boxes``."""
         boxes_t = tuple(tuple(float(v) for v in b) for b in boxes)
-        return cls(sample_id, image_id, image_file, query, boxes_t, union_box(boxes_t))  # type: ignore[arg-type]
+        return cls(sample_id, image_id, image_file, query, boxes_t, union_box(boxes_t), kind)  # type: ignore[arg-type]
 
     def image_path(self, root: PathLike) -> Path:
         """Where the image lies under the image folder ``root``."""
