@@ -58,6 +58,9 @@ __all__ = [
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
+#: ``--model shapes``: the small CLIP trained on the shapes world, shipped with bicm
+SHAPES_MODEL = "shapes"
+SHAPES_WEIGHTS = "shapes-clip.safetensors"
 
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -439,8 +442,9 @@ def load_backbone(
     Parameters
     ----------
     model:
-        open_clip architecture name (``ViT-B-32``, ``ViT-B-16``, ``RN50``, ...). With a
-        ``checkpoint`` it is optional (taken from the file when absent).
+        open_clip architecture name (``ViT-B-32``, ``ViT-B-16``, ``RN50``, ...), or
+        ``"shapes"`` for the small CLIP trained on the shapes world that ships with bicm. With
+        a ``checkpoint`` it is optional (taken from the file when absent).
     pretrained:
         open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...). Defaults to
         ``openai`` when neither a tag nor a checkpoint is given.
@@ -458,6 +462,9 @@ def load_backbone(
 
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
+    display_name = None
+    if model == SHAPES_MODEL and checkpoint is None and pretrained is None:
+        checkpoint, model, display_name = shapes_weights(), None, SHAPES_MODEL
     if checkpoint is not None:
         if pretrained is not None:
             raise BicmError("pass either a pretrained tag or a checkpoint file, not both")
@@ -470,7 +477,17 @@ def load_backbone(
     else:
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length or 77)
     clip = clip.to(dev).float()
-    return Backbone(clip, tokenizer, spec, dev, name, amp_dtype, cfg)
+    return Backbone(clip, tokenizer, spec, dev, display_name or name, amp_dtype, cfg)
+
+
+def shapes_weights() -> Path:
+    """Where the CLIP trained on the shapes world lies inside the installed package."""
+    from importlib import resources
+
+    path = Path(str(resources.files("bicm.shapes").joinpath("model", SHAPES_WEIGHTS)))
+    if not path.is_file():
+        raise BicmError(f"the shapes model is not in this installation ({SHAPES_WEIGHTS}); train one with 'bicm train-clip'")
+    return path
 
 
 def _load_from_tag(arch: str, tag: Optional[str], quick_gelu: Optional[bool], cache_dir: Optional[str]):
@@ -744,5 +761,7 @@ def save_checkpoint(
         config["preprocess_cfg"] = preprocess.to_open_clip()
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"open_clip_config": json.dumps(config), "format": "pt"})
+        # one metadata entry: safetensors writes its metadata map in no fixed order, and a single
+        # entry keeps the file byte-identical from run to run
+        save_file(tensors, str(tmp), metadata={"open_clip_config": json.dumps(config)})
     return path

@@ -1,7 +1,8 @@
 """Naming class-agnostic proposals by CLIP zero-shot classification over a vocabulary.
 
 Vocabularies: ``vg1600`` (the 1600 Visual Genome object names of the paper's detector,
-shipped with bicm), ``coco80`` (COCO's 80 classes), or a text file with one name per line
+shipped with bicm), ``coco80`` (COCO's 80 classes), ``shapes`` (the shapes world's five
+shapes), or a text file with one name per line
 (lines may list synonyms separated by commas: the first is used).
 
 Each box gets the vocabulary name whose prompt embedding is closest to the box crop's CLIP
@@ -25,7 +26,7 @@ from . import Proposals
 
 __all__ = ["Vocabulary", "ClipNamer", "BUILTIN_VOCABULARIES"]
 
-BUILTIN_VOCABULARIES = {"vg1600": "visual_genome_objects_1600.txt", "coco80": "coco_80.txt"}
+BUILTIN_VOCABULARIES = {"vg1600": "visual_genome_objects_1600.txt", "coco80": "coco_80.txt", "shapes": "shapes.txt"}
 
 
 @dataclass(frozen=True)
