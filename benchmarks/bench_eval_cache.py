@@ -19,12 +19,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import open_clip
-import torch
+from common import random_vit_b32
 from PIL import Image, ImageDraw
 
 from bicm import BiCMConfig, Grounder
-from bicm.backbone import Backbone, PreprocessSpec
 from bicm.cache import FeatureCache
 from bicm.data import load_dataset
 from bicm.evaluate import ablation_rows, run_eval
@@ -58,9 +56,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     root = Path(tempfile.mkdtemp())
     samples = load_dataset("jsonl", "test", make_dataset(root, args.images))
-    torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-    backbone = Backbone(clip, open_clip.get_tokenizer("ViT-B-32"), PreprocessSpec(), torch.device("cpu"), "random ViT-B-32")
+    backbone = random_vit_b32()
     backbone.fingerprint()  # hashed once per process; not part of either run's time
     rows = ablation_rows("all", BiCMConfig(selection="largest-above-mean"))
     times = []

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import platform
-import statistics
-import time
-import warnings
 
 import numpy as np
-import open_clip
 import torch
+from common import random_vit_b32, timed
 from PIL import Image
 
 from bicm import Grounder, Proposals
-from bicm.backbone import Backbone, PreprocessSpec, preprocess
+from bicm.backbone import preprocess
 from bicm.com import encode_crops
 from bicm.qam import compute_maps
 
@@ -37,14 +33,7 @@ QUERIES = [
 
 
 def make_grounder(device: str) -> Grounder:
-    torch.manual_seed(0)
-    logging.disable(logging.WARNING)  # open_clip: "initialized randomly", which is the point
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    backbone = Backbone(model.to(device), tokenizer, PreprocessSpec(), torch.device(device), "random ViT-B-32")
-    return Grounder(backbone)
+    return Grounder(random_vit_b32(device))
 
 
 def workload(seed: int = 0) -> tuple[Image.Image, Proposals]:
@@ -55,17 +44,6 @@ def workload(seed: int = 0) -> tuple[Image.Image, Proposals]:
     boxes = np.concatenate([xy, np.minimum(xy + wh, [500, 375])], axis=1)
     names = [f"object {i % 40}" for i in range(100)]
     return image, Proposals(torch.tensor(boxes, dtype=torch.float32), class_names=names)
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
+from common import random_vit_b32, timed
 from PIL import Image, ImageDraw
 
-from bicm.backbone import Backbone, PreprocessSpec
 from bicm.proposals.files import write_detections
 from bicm.proposals.naming import ClipNamer
 from bicm.proposals.sources import make_source
@@ -40,15 +38,6 @@ def scene(seed: int = 0) -> Image.Image:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.rectangle if rng.random() < 0.5 else draw.ellipse)((x, y, x + w, y + h), fill=colour)
     return image
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -80,9 +69,7 @@ def main() -> None:
     dets = write_detections(tmp / "dets.jsonl", {"img.png": boxes})
     report["file (read + lookup)"] = timed(lambda: make_source(str(dets)).propose(image, "img.png"), args.repeats)
 
-    torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-    backbone = Backbone(clip, open_clip.get_tokenizer("ViT-B-32"), PreprocessSpec(), torch.device("cpu"), "random ViT-B-32")
+    backbone = random_vit_b32()
     namer = ClipNamer(backbone, "vg1600")
     start = time.perf_counter()
     namer.text_features  # the 1600 prompts, once per process
