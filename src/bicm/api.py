@@ -18,10 +18,10 @@ from PIL import Image
 from .backbone import Backbone, load_backbone, preprocess
 from .cache import FeatureCache
 from .com import ClassNameEncoder, ComMode, bottom_up
-from .encoder import Encoder, image_digest
+from .encoder import Encoder
 from .errors import BicmError, warn
 from .fusion import SELECTION_POLICIES, SelectionPolicy, box_means, fuse, integral_image, select
-from .imageio import ImageSource, load_image
+from .imageio import ImageSource, image_digest, load_image
 from .proposals import Proposals
 from .proposals.naming import ClipNamer
 from .proposals.sources import ProposalSource
@@ -330,7 +330,7 @@ class Grounder:
         queries = _check_queries(queries)
         pil = load_image(image)
         width, height = pil.size
-        digest = image_digest(pil) if self.encoder.cache is not None else None
+        digest = image_digest(pil)  # the image's identity for the proposal and feature caches (~1 ms)
         if isinstance(proposals, ProposalSource):
             key = image_key or (None if isinstance(image, Image.Image) else str(image))
             proposals = self.encoder.proposals(proposals, pil, key, digest)

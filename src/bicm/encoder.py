@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Optional, Sequence
 
 import torch
@@ -11,17 +10,11 @@ from PIL import Image
 from .backbone import Backbone, PreprocessSpec
 from .cache import FeatureCache
 from .com import encode_crops
+from .imageio import image_digest
 from .proposals import Proposals
 from .proposals.sources import ProposalSource
 
-__all__ = ["Encoder", "image_digest"]
-
-
-def image_digest(image: Image.Image) -> str:
-    """Hash of the decoded pixels (and size): the image's identity in cache keys."""
-    digest = hashlib.blake2b(image.tobytes(), digest_size=12)
-    digest.update(f"{image.size}{image.mode}".encode())
-    return digest.hexdigest()
+__all__ = ["Encoder"]
 
 
 def _spec_key(spec: PreprocessSpec) -> str:
@@ -75,9 +68,10 @@ class Encoder:
 
     def proposals(self, source: ProposalSource, image: Image.Image, key: Optional[str], digest: Optional[str] = None) -> Proposals:
         """``source``'s proposals of ``image``."""
+        digest = digest or image_digest(image)
         if self.cache is None:
-            return source(image, key)
-        cache_key = f"props|{source.id}|{digest or image_digest(image)}"
+            return source(image, key, digest)
+        cache_key = f"props|{source.id}|{digest}"
         hit = self.cache.get_many([cache_key]).get(cache_key)
         if hit is not None:
             tensors, meta = hit
@@ -89,7 +83,7 @@ class Encoder:
                 dict(meta.get("meta", {})),
                 tensors.get("name_scores"),
             )
-        found = source(image, key)
+        found = source(image, key, digest)
         tensors = {"boxes": found.boxes}
         if found.scores is not None:
             tensors["scores"] = found.scores

@@ -16,6 +16,7 @@ RGB :class:`PIL.Image.Image`. Boxes are always in the pixel coordinates of that 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BicmError, warn
 
-__all__ = ["load_image", "to_rgb", "DEFAULT_MAX_PIXELS", "ImageSource"]
+__all__ = ["load_image", "to_rgb", "image_digest", "DEFAULT_MAX_PIXELS", "ImageSource"]
 
 #: Pillow's own decompression-bomb threshold (about 89.5 megapixels).
 DEFAULT_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
@@ -100,6 +101,13 @@ def load_image(
     if min(rgb.size) < TINY_SIDE:
         warn(f"image {name} is only {rgb.width}x{rgb.height} pixels; CLIP will upsample it heavily")
     return rgb
+
+
+def image_digest(image: Image.Image) -> str:
+    """Hash of the decoded pixels (and size and mode): an image's identity in caches."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=12)
+    digest.update(f"{image.size}{image.mode}".encode())
+    return digest.hexdigest()
 
 
 def _open(path: Path, max_pixels: Optional[int]) -> Image.Image:

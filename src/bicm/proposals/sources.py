@@ -18,7 +18,6 @@ phrases, or the same image again, does not recompute them.
 from __future__ import annotations
 
 import abc
-import hashlib
 import inspect
 from collections import OrderedDict
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable, Optional
 from PIL import Image
 
 from ..errors import BicmError
+from ..imageio import image_digest
 from . import Proposals
 
 __all__ = [
@@ -62,8 +62,10 @@ class ProposalSource(abc.ABC):
     def propose(self, image: Image.Image, key: Optional[str] = None) -> Proposals:
         """Proposals of ``image`` (RGB). ``key`` is the image's path or id, when known."""
 
-    def __call__(self, image: Image.Image, key: Optional[str] = None) -> Proposals:
-        digest = f"{key}|{_pixel_digest(image)}"
+    def __call__(self, image: Image.Image, key: Optional[str] = None, digest: Optional[str] = None) -> Proposals:
+        """Proposals of ``image``, cached; ``digest`` is :func:`bicm.imageio.image_digest` of
+        the image when the caller has it already."""
+        digest = f"{key}|{digest or image_digest(image)}"
         hit = self._cache.get(digest)
         if hit is not None:
             self._cache.move_to_end(digest)
@@ -74,10 +76,6 @@ class ProposalSource(abc.ABC):
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return proposals
-
-
-def _pixel_digest(image: Image.Image) -> str:
-    return hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() + f"{image.size}{image.mode}"
 
 
 def register_source(name: str) -> Callable[[Callable[..., ProposalSource]], Callable[..., ProposalSource]]:
