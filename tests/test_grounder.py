@@ -98,7 +98,7 @@ def test_table4_component_sets(grounder, named):
     with pytest.raises(BicmError, match="add qam"):
         BiCMConfig(components=("com", "sf"))
     with pytest.raises(BicmError, match="unknown components"):
-        BiCMConfig(components=("qam", "kam"))
+        BiCMConfig(components=("qam", "detr"))
 
 
 def test_table6_com_variants(grounder, named):

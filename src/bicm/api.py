@@ -1,9 +1,12 @@
-"""The public API: :class:`Grounder` (BiCM: QAM + COM + SF) and its config and results.
+"""The public API: :class:`Grounder` (BiCM: QAM + COM + SF, + KAM) and its config and results.
 
 >>> from bicm import Grounder
 >>> g = Grounder.from_pretrained("ViT-B-32", "openai")            # or checkpoint="clip.pt"
 >>> r = g.ground("photo.jpg", "the bird on the left", proposals=boxes_xyxy)
 >>> r.box, r.score
+
+With a trained KAM model (``bicm train-kam``): ``Grounder.from_pretrained(..., kam="kam.safetensors")``
+adds ``lambda_k * S_KAM`` to the fused score (Eq. 11).
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from .encoder import Encoder
 from .errors import BicmError, warn
 from .fusion import SELECTION_POLICIES, SelectionPolicy, box_means, fuse, integral_image, select
 from .imageio import ImageSource, image_digest, load_image
+from .kam import KamModel
 from .proposals import Proposals
 from .proposals.naming import ClipNamer
 from .proposals.sources import ProposalSource
 from .qam import AttentionMaps, MapKind, RegionRule, compute_maps, threshold_box
 
-__all__ = ["BiCMConfig", "Candidates", "GroundingResult", "Grounder", "COMPONENTS"]
+__all__ = ["BiCMConfig", "Candidates", "GroundingResult", "Grounder", "ImageFeatures", "COMPONENTS", "ALL_COMPONENTS"]
 
 COMPONENTS: tuple[str, ...] = ("qam", "com", "sf")
+ALL_COMPONENTS: tuple[str, ...] = COMPONENTS + ("kam",)
 
 Box = tuple[float, float, float, float]
 ProposalsLike = Union[Proposals, torch.Tensor, Sequence[Sequence[float]], None]
@@ -41,7 +46,8 @@ class BiCMConfig:
 
     Attributes
     ----------
-    components: which of ``"qam"``, ``"com"``, ``"sf"`` run (Table 4). SF needs QAM.
+    components: which of ``"qam"``, ``"com"``, ``"sf"``, ``"kam"`` run (Table 4). SF needs QAM;
+        KAM needs COM (it re-scores COM's candidates) and a trained model on the Grounder.
     thr_a: threshold on the normalised map for the QAM box ``P_t`` (0.7).
     lambda_t: weight of the top-down score ``S_TD`` (1000, on the raw map scale).
     lambda_k: weight of the KAM score (1).
@@ -76,11 +82,13 @@ class BiCMConfig:
     def __post_init__(self) -> None:
         comps = tuple(dict.fromkeys(str(c).strip().lower() for c in self.components if str(c).strip()))
         object.__setattr__(self, "components", comps)
-        unknown = [c for c in comps if c not in COMPONENTS]
+        unknown = [c for c in comps if c not in ALL_COMPONENTS]
         if unknown or not comps:
-            raise BicmError(f"unknown components {unknown or comps}; choose from qam, com, sf")
+            raise BicmError(f"unknown components {unknown or comps}; choose from qam, com, sf, kam")
         if "sf" in comps and "qam" not in comps:
             raise BicmError("SF fuses the QAM map into the scores: add qam to the components")
+        if "kam" in comps and "com" not in comps:
+            raise BicmError("KAM re-scores COM's candidate boxes: add com to the components")
         checks = {
             "attention": (self.attention, ("qa", "va")),
             "region rule": (self.region_rule, ("largest", "peak", "all")),
@@ -111,7 +119,7 @@ class Candidates:
     boxes: ``(K, 4)`` xyxy pixels. The QAM box ``P_t`` (if any) is last.
     class_names: one per box (``None`` where unknown).
     qam_index: index of ``P_t`` in ``boxes``, or ``None``.
-    s_pq, s_cq, s_td: ``(K,)`` component scores, ``None`` where that component did not run.
+    s_pq, s_cq, s_td, s_kam: ``(K,)`` component scores, ``None`` where that component did not run.
     fused: ``(K,)`` the score the selection used.
     """
 
@@ -122,6 +130,7 @@ class Candidates:
     s_cq: Optional[torch.Tensor]
     s_td: Optional[torch.Tensor]
     fused: torch.Tensor
+    s_kam: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -134,7 +143,7 @@ class Candidates:
                 "class_name": self.class_names[i],
                 "source": "qam" if i == self.qam_index else "proposal",
             }
-            for name in ("s_pq", "s_cq", "s_td"):
+            for name in ("s_pq", "s_cq", "s_td", "s_kam"):
                 value = getattr(self, name)
                 row[name] = None if value is None else float(value[i])
             row["score"] = float(self.fused[i])
@@ -214,6 +223,9 @@ class Grounder:
     namer: names proposals that come without class names (CLIP zero-shot over a
         vocabulary, see :class:`~bicm.proposals.naming.ClipNamer`), so COM can use S_CQ.
     cache: a :class:`~bicm.cache.FeatureCache` for text, crop and proposal computations.
+    kam: a trained :class:`~bicm.kam.KamModel` (or its file) for the ``"kam"`` component; it
+        must have been trained on this backbone. Giving one adds ``"kam"`` to the components
+        of the default config.
     """
 
     def __init__(
@@ -224,9 +236,20 @@ class Grounder:
         class_names: Optional[ClassNameEncoder] = None,
         namer: Optional[ClipNamer] = None,
         cache: Optional[FeatureCache] = None,
+        kam: Union["KamModel", str, Path, None] = None,
     ) -> None:
         self.backbone = backbone
+        if kam is not None and not isinstance(kam, KamModel):
+            kam = KamModel.load(kam)
+        if kam is not None:
+            kam.check_backbone(backbone.fingerprint(), backbone.name)
+            kam.to(backbone.device)
+            if config is None:
+                config = BiCMConfig(components=COMPONENTS + ("kam",))
+        self.kam: Optional[KamModel] = kam
         self.config = config or BiCMConfig()
+        if "kam" in self.config.components and self.kam is None:
+            raise BicmError("the kam component needs a trained KAM model (kam=PATH; see 'bicm train-kam')")
         self.namer = namer
         self.encoder = Encoder(backbone, cache)
         if class_names is None or class_names.template != self.config.class_prompt:
@@ -249,17 +272,21 @@ class Grounder:
         quick_gelu: Optional[bool] = None,
         config: Optional[BiCMConfig] = None,
         name_with: Optional[str] = None,
+        kam: Union[str, Path, None] = None,
         **overrides: Any,
     ) -> "Grounder":
         """Load a backbone (see :func:`bicm.backbone.load_backbone`) and build a Grounder.
 
         ``name_with`` (``"vg1600"``, ``"coco80"`` or a vocabulary file) names unnamed
-        proposals by CLIP zero-shot classification. Keyword ``overrides`` replace fields of
-        ``config``, e.g. ``components=("com",)``.
+        proposals by CLIP zero-shot classification. ``kam`` is a KAM model file
+        (``bicm train-kam``): the default components become QAM+COM+SF+KAM. Keyword
+        ``overrides`` replace fields of ``config``, e.g. ``components=("com",)``.
         """
+        if config is None and kam is not None:
+            config = BiCMConfig(components=COMPONENTS + ("kam",))
         config = (config or BiCMConfig()).replace(**overrides) if overrides else (config or BiCMConfig())
         backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
-        grounder = cls(backbone, config)
+        grounder = cls(backbone, config, kam=kam)
         if name_with is not None:
             grounder.namer = ClipNamer(backbone, name_with, encode_text=grounder.encoder.text)
         return grounder
@@ -267,7 +294,12 @@ class Grounder:
     def with_config(self, **changes: Any) -> "Grounder":
         """A Grounder on the same backbone (and class-name cache) with some settings changed."""
         return Grounder(
-            self.backbone, self.config.replace(**changes), class_names=self.class_names, namer=self.namer, cache=self.encoder.cache
+            self.backbone,
+            self.config.replace(**changes),
+            class_names=self.class_names,
+            namer=self.namer,
+            cache=self.encoder.cache,
+            kam=self.kam,
         )
 
     # ------------------------------------------------------------------------------------
@@ -306,22 +338,28 @@ class Grounder:
         visual: Optional[bool] = None,
         names: Optional[bool] = None,
         image_key: Optional[str] = None,
+        kam: Optional[bool] = None,
     ) -> "ImageFeatures":
         """Everything per image the scoring needs, computed once (see :meth:`score`).
 
         By default only what this Grounder's config uses; an evaluation of several ablation
         rows asks for more at once: ``kinds=("qa", "va")`` (both attention maps),
-        ``visual=True`` (crop embeddings), ``names=True`` (class-name embeddings).
+        ``visual=True`` (crop embeddings), ``names=True`` (class-name embeddings),
+        ``kam=True`` (the whole-image embedding and everything KAM's MLP reads).
         ``image_key`` names the image for file-based proposal sources (default: its path).
         """
         cfg = self.config
         comps = cfg.components
         if kinds is None:
             kinds = (cfg.attention,) if "qam" in comps else ()
+        if kam is None:
+            kam = "kam" in comps
         if visual is None:
             visual = "com" in comps and cfg.com_mode in ("both", "visual")
         if names is None:
             names = "com" in comps and cfg.com_mode in ("both", "class")
+        visual = visual or kam  # KAM reads the crops, and the class names where it learned them
+        names = names or (kam and (self.kam is None or self.kam.use_names))
         for kind in kinds:
             if kind not in ("qa", "va"):
                 raise BicmError(f"unknown attention map {kind!r}; use qa or va")
@@ -359,6 +397,7 @@ class Grounder:
             name_feats = self.class_names([c or "" for c in props.class_names or []])
 
         text = self.encoder.text(queries)  # (Q, E)
+        image_feat = self.encoder.image(pil, self.backbone.spec, digest) if kam else None  # (E,)
         maps: dict[str, AttentionMaps] = {}
         qam_boxes: dict[str, list[Optional[Box]]] = {}
         view_box: Optional[Box] = None
@@ -385,6 +424,7 @@ class Grounder:
             qam_crop_feats=qam_crops,
             view_box=view_box,
             notes=notes,
+            image_feat=image_feat,
         )
 
     def score(self, features: "ImageFeatures", config: Optional[BiCMConfig] = None) -> list[GroundingResult]:
@@ -396,7 +436,11 @@ class Grounder:
         cfg = config or self.config
         f = features
         comps = cfg.components
-        use_qam, use_com, use_sf = "qam" in comps, "com" in comps, "sf" in comps
+        use_qam, use_com, use_sf, use_kam = "qam" in comps, "com" in comps, "sf" in comps, "kam" in comps
+        if use_kam and self.kam is None:
+            raise BicmError("the kam component needs a trained KAM model (kam=PATH; see 'bicm train-kam')")
+        if use_kam and f.image_feat is None:
+            raise ValueError("the features hold no image embedding; extract(kam=True) must compute it")
         props = f.proposals
         notes = list(f.notes)
         use_props = (use_com or use_sf) and len(props) > 0
@@ -437,10 +481,11 @@ class Grounder:
             for i, b in enumerate(qam_boxes):
                 if b is not None:
                     qam_pq[i] = text[i] @ f.qam_crop_feats[b]
+        best_name: Optional[torch.Tensor] = None  # (Q,) proposal whose class name P_t takes
         if s_cq is not None and n > 0:
-            best = s_cq.argmax(dim=1)
-            qam_cq = s_cq.gather(1, best[:, None]).squeeze(1)
-            qam_names = [props.class_names[int(j)] for j in best.tolist()]  # type: ignore[index]
+            best_name = s_cq.argmax(dim=1)
+            qam_cq = s_cq.gather(1, best_name[:, None]).squeeze(1)
+            qam_names = [props.class_names[int(j)] for j in best_name.tolist()]  # type: ignore[index]
 
         td_table = None
         if maps is not None:
@@ -468,10 +513,15 @@ class Grounder:
                 results.append(_empty_result(query, maps, i, f.view_box, comps, f.image_size, cfg, notes, props.source))
                 continue
             s_bu = bottom_up(pq, cq) if use_com else None
+            kam = None
+            if use_kam:
+                assert self.kam is not None and f.image_feat is not None
+                fp, fc = _candidate_feats(f, i, use_props, qam_boxes[i], best_name, self.kam.use_names)
+                kam = self.kam.scores(f.image_feat, text[i], fp, fc)
             if s_bu is None and not use_sf:
                 fused = td * cfg.lambda_t  # QAM alone: its one box, scored top-down
             else:
-                fused = fuse(s_bu, td if use_sf else None, cfg.lambda_t)
+                fused = fuse(s_bu, td if use_sf else None, cfg.lambda_t, kam, cfg.lambda_k)
             box, chosen = select(boxes, fused, cfg.selection)
             cands = Candidates(
                 boxes=boxes.cpu(),
@@ -481,6 +531,7 @@ class Grounder:
                 s_cq=None if cq is None else cq.cpu(),
                 s_td=None if td is None else td.cpu(),
                 fused=fused.cpu(),
+                s_kam=None if kam is None else kam.cpu(),
             )
             results.append(
                 GroundingResult(
@@ -503,6 +554,41 @@ class Grounder:
             )
         return results
 
+    def candidate_features(
+        self, features: "ImageFeatures", index: int, config: Optional[BiCMConfig] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The per-candidate inputs of KAM's MLP for query ``index``, in :meth:`score`'s order.
+
+        Returns ``fp`` ``(K, E)`` crop embeddings and ``fc`` ``(K, E)`` class-name embeddings
+        (``None`` without names) of the proposals followed by QAM's box ``P_t`` (which takes
+        the class name of the proposal with the highest S_CQ).
+        """
+        cfg = config or self.config
+        f = features
+        if f.crop_feats is None and len(f.proposals):
+            raise ValueError("the features hold no crop embeddings; extract(visual=True) must compute them")
+        qam_box = f.qam_boxes.get(cfg.attention, [None] * len(f.queries))[index] if "qam" in cfg.components else None
+        best = None
+        if f.name_feats is not None and len(f.proposals):
+            best = (f.text @ f.name_feats.T).argmax(dim=1)
+        return _candidate_feats(f, index, len(f.proposals) > 0, qam_box, best, True)
+
+
+def _candidate_feats(
+    f: "ImageFeatures", i: int, use_props: bool, qam_box: Optional[Box], best_name: Optional[torch.Tensor], names: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    e = f.text.shape[1]
+    device = f.text.device
+    fp = f.crop_feats if use_props and f.crop_feats is not None else torch.zeros(0, e, device=device)
+    fc = f.name_feats if (names and use_props and f.name_feats is not None) else None
+    if qam_box is not None:
+        fp = torch.cat([fp, f.qam_crop_feats[qam_box].reshape(1, e).to(fp)])
+        if fc is not None and best_name is not None:
+            fc = torch.cat([fc, fc[int(best_name[i])].reshape(1, e)])
+    if fc is not None and fc.shape[0] != fp.shape[0]:
+        fc = None
+    return fp, fc
+
 
 @dataclass
 class ImageFeatures:
@@ -521,6 +607,7 @@ class ImageFeatures:
     qam_crop_feats: crop embedding of every distinct QAM box.
     view_box: the part of the image CLIP's whole-image view covers.
     notes: things worth knowing (naming, oracle proposals).
+    image_feat: ``(E,)`` whole-image embedding (KAM's ``fi``), or ``None``.
     """
 
     queries: list[str]
@@ -534,6 +621,7 @@ class ImageFeatures:
     qam_crop_feats: dict[Box, torch.Tensor]
     view_box: Optional[Box]
     notes: list[str]
+    image_feat: Optional[torch.Tensor] = None
 
 
 def _qam_boxes(maps: AttentionMaps, cfg: BiCMConfig) -> list[Optional[Box]]:

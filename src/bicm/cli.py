@@ -105,6 +105,8 @@ BOX_FORMAT_OPT = typer.Option(None, help="Box format of a bicm detections file t
 TSV_OFFSET_OPT = typer.Option(0, help="TSV class id of the first vocabulary name (1 for Caffe models with background 0).")
 NAME_WITH_OPT = typer.Option(None, help="Name unnamed proposals by CLIP zero-shot over vg1600, coco80 or a text file.")
 NAME_TEMPLATE_OPT = typer.Option("a photo of a {}.", help="Prompt for each vocabulary name when naming.")
+KAM_OPT = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam' (adds lambda_k * S_KAM, Eq. 11).")
+LAMBDA_K_OPT = typer.Option(1.0, help="Weight of the KAM score S_KAM.")
 
 
 def _source_options(
@@ -159,7 +161,9 @@ def ground(
     quick_gelu: Optional[bool] = QUICK_GELU_OPT,
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
-    components: str = typer.Option("qam,com,sf", help="Comma-separated components: qam, com, sf."),
+    components: str = typer.Option("qam,com,sf", help="Comma-separated components: qam, com, sf (kam is added by --kam)."),
+    kam: Optional[Path] = KAM_OPT,
+    lambda_k: float = LAMBDA_K_OPT,
     attention: AttentionOpt = typer.Option("qa", help="qa: query-aware map (QAM); va: vanilla visual attention."),
     com_mode: ComModeOpt = typer.Option("both", help="COM scores: both (S_PQ+S_CQ), class (S_CQ) or visual (S_PQ)."),
     td_scale: TdScaleOpt = typer.Option("raw", help="Map scale for S_TD: raw (paper, with lambda_t=1000) or normalized."),
@@ -181,10 +185,14 @@ def ground(
     from .proposals.naming import ClipNamer
     from .proposals.sources import make_source
 
+    comps = tuple(c.strip() for c in components.split(",") if c.strip())
+    if kam is not None and "kam" not in comps:
+        comps = comps + ("kam",)
     config = BiCMConfig(
-        components=tuple(components.split(",")),
+        components=comps,
         thr_a=thr_a,
         lambda_t=lambda_t,
+        lambda_k=lambda_k,
         attention=attention,
         region_rule=region_rule,
         com_mode=com_mode,
@@ -211,6 +219,7 @@ def ground(
         amp=amp,
         quick_gelu=quick_gelu,
         config=config,
+        kam=kam,
     )
     if name_with is not None:
         grounder.namer = ClipNamer(grounder.backbone, name_with, name_template, encode_text=grounder.encoder.text)
@@ -264,6 +273,8 @@ def evaluate_command(
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
     lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
+    kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': adds the QAM+COM+SF+KAM row."),
+    lambda_k: float = LAMBDA_K_OPT,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
@@ -286,8 +297,8 @@ def evaluate_command(
         raise BicmError(f"dataset {dataset} needs --annotations and --images")
     samples = load_dataset(dataset, split, annotations, image_root=images)
     policy = paper_selection(dataset) if selection == "paper" else selection
-    base = BiCMConfig(thr_a=thr_a, lambda_t=lambda_t, selection=policy)  # type: ignore[arg-type]
-    rows = ablation_rows(ablation, base)
+    base = BiCMConfig(thr_a=thr_a, lambda_t=lambda_t, lambda_k=lambda_k, selection=policy)  # type: ignore[arg-type]
+    rows = ablation_rows(ablation, base, kam=kam is not None)
     feature_cache = None
     if not no_cache:
         default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicm" / "features.sqlite"
@@ -302,7 +313,7 @@ def evaluate_command(
         )
         source = make_source(proposals, **options)
     backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
-    grounder = Grounder(backbone, base, cache=feature_cache)
+    grounder = Grounder(backbone, base, cache=feature_cache, kam=kam)
     if name_with is not None:
         grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
     if out is None:
@@ -382,6 +393,147 @@ def train_clip_command(
         f"i->t {100 * retrieval['image_to_text_top1']:.1f}%, t->i {100 * retrieval['text_to_image_top1']:.1f}%)",
         file=sys.stderr,
     )
+
+
+@app.command("pseudo-label")
+@user_errors
+def pseudo_label_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (matches, pairs, labels, KAM features, summary); rerun to resume."),
+    dataset: Optional[str] = typer.Option(None, help="Take a dataset's split apart (images and queries unpaired): shapes, or a 'bicm eval' dataset."),
+    split: str = typer.Option("train", help="Split of --dataset."),
+    annotations: Optional[Path] = typer.Option(None, help="Annotation folder or file of --dataset [shapes: generated]."),
+    images: Optional[Path] = typer.Option(None, help="Image folder of --dataset, or (without --dataset) a folder or list of images (.txt, .jsonl with 'image')."),
+    queries: Optional[Path] = typer.Option(None, help="Without --dataset: the queries (.txt one per line, .jsonl with 'query')."),
+    reveal_truth: bool = typer.Option(False, "--reveal-truth", help="Analysis only: read the dataset's ground truth and write the Table 7 report (label precision per Thr_k)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    thr_k: float = typer.Option(0.9, help="Keep a pair as a pseudo label when its fused score S_r is above this (Thr_k)."),
+    features_above: Optional[float] = typer.Option(None, help="Store KAM inputs for pairs scoring at least this, to train at lower Thr_k later [default: Thr_k]."),
+    components: str = typer.Option("qam,com,sf", help="Components that ground the pairs (the paper: qam,com,sf)."),
+    proposals: str = typer.Option("selective-search", "--proposals", "-p", help="selective-search, faster-rcnn or a detections file."),
+    top_n: int = TOP_N_OPT,
+    ss_mode: SsModeOpt = SS_MODE_OPT,
+    score_floor: float = SCORE_FLOOR_OPT,
+    detector_arch: str = DETECTOR_ARCH_OPT,
+    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
+    file_format: FileFormatOpt = FILE_FORMAT_OPT,
+    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
+    tsv_class_offset: int = TSV_OFFSET_OPT,
+    name_with: Optional[str] = NAME_WITH_OPT,
+    name_template: str = NAME_TEMPLATE_OPT,
+    model: Optional[str] = MODEL_OPT,
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
+    device: str = DEVICE_OPT,
+    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
+    lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
+    selection: SelectionOpt = typer.Option("argmax", help="How the labelled box is chosen from the candidates."),
+    cache: Optional[Path] = typer.Option(None, help="Feature cache file [default: ~/.cache/bicm/features.sqlite]."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything, store nothing in the shared cache."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """KAM step 1: pair unpaired images with their most similar query, ground them, keep the sure boxes."""
+    from .api import BiCMConfig, Grounder
+    from .backbone import load_backbone
+    from .proposals.naming import ClipNamer
+    from .proposals.sources import make_source
+    from .pseudo import dataset_unpaired, read_image_list, read_query_list, run_pseudo_label, shapes_unpaired
+
+    if limit is not None and limit < 1:
+        raise BicmError("--limit must be at least 1")
+    if dataset == "shapes":
+        data = shapes_unpaired(annotations, reveal_truth, limit)
+    elif dataset is not None:
+        from .data import load_dataset
+
+        if annotations is None or images is None:
+            raise BicmError(f"dataset {dataset} needs --annotations and --images")
+        data = dataset_unpaired(load_dataset(dataset, split, annotations, image_root=images), images, f"{dataset} {split}", reveal_truth)
+        data.images = data.images[:limit] if limit else data.images
+    else:
+        if images is None or queries is None:
+            raise BicmError("give --dataset, or --images and --queries")
+        if reveal_truth:
+            raise BicmError("--reveal-truth needs a --dataset with ground truth")
+        data = dataset_unpaired([], Path("."), "", False)
+        data.images, data.queries = read_image_list(images)[:limit], read_query_list(queries)
+        data.images_desc, data.queries_desc = str(images), str(queries)
+    comps = tuple(c.strip() for c in components.split(",") if c.strip())
+    config = BiCMConfig(components=comps, thr_a=thr_a, lambda_t=lambda_t, selection=selection)
+    options = _source_options(top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device)
+    source = make_source(proposals, **options)
+    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
+    grounder = Grounder(backbone, config, cache=_feature_cache(cache, no_cache))
+    if name_with is not None:
+        grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
+    summary = run_pseudo_label(
+        grounder, data.images, data.queries, out, source=source, thr_k=thr_k, features_above=features_above,
+        truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not no_progress,
+    )
+    if "table7" in summary:
+        typer.echo((out / "table7.md").read_text())
+    print(
+        f"bicm: {summary['labels']} pseudo labels (S_r > {thr_k:g}) from {summary['pairs']} image-query pairs; "
+        f"wrote {out}/labels.jsonl (train with: bicm train-kam {out})",
+        file=sys.stderr,
+    )
+
+
+@app.command("train-kam")
+@user_errors
+def train_kam_command(
+    run: Path = typer.Argument(..., help="A 'bicm pseudo-label' run folder."),
+    out: Path = typer.Option(Path("kam.safetensors"), "--out", "-o", help="Model file (safetensors); the loss curve PNG and history JSON go beside it."),
+    thr_k: Optional[float] = typer.Option(None, help="Train on the pairs scoring above this [default: the run's Thr_k]."),
+    epochs: int = typer.Option(50, help="Epochs (the paper: 50)."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate (the paper: 1e-4)."),
+    hidden: int = typer.Option(512, help="Width of the MLP's hidden layers."),
+    batch_pairs: int = typer.Option(32, help="Image-query pairs per step."),
+    seed: int = typer.Option(0, help="Seed of the initialisation and the shuffling."),
+    no_names: bool = typer.Option(False, "--no-names", help="Train without the class-name input fc_r (zeros)."),
+) -> None:
+    """KAM step 2: train the MLP of Fig. 3 on stored pseudo labels (no CLIP needed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .kam import KamConfig, KamModel, save_curve, train_kam
+    from .pseudo import read_kam_pairs
+
+    config = KamConfig(hidden=hidden, epochs=epochs, lr=lr, batch_pairs=batch_pairs, seed=seed)
+    pairs, info = read_kam_pairs(run, thr_k)
+    use_names = not no_names and all(p.fc is not None for p in pairs)
+    if not no_names and not use_names:
+        print("bicm: note: some labels have no class names: training without the class-name input", file=sys.stderr)
+    columns = [TextColumn("train-kam"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns) as progress:
+        task = progress.add_task("epochs", total=epochs, info="")
+
+        def on_epoch(epoch: int, record: dict) -> None:
+            progress.update(task, completed=epoch, info=f"loss {record['loss']:.3f}  top-1 = label {100 * record['agree']:.0f}%")
+
+        mlp, history = train_kam(pairs, config, use_names=use_names, on_epoch=on_epoch)
+    backbone_name, _, backbone_id = info["model"].partition("@")
+    used_thr = info["thr_k"] if thr_k is None else thr_k
+    model = KamModel(mlp, config, backbone_id, backbone_name, use_names,
+                     info={"pseudo_labels": str(run), "labels": len(pairs), "thr_k": used_thr, "final_loss": history[-1]["loss"]})
+    model.save(out)
+    from .atomic import atomic_write_text
+
+    stem = out.with_suffix("")
+    atomic_write_text(stem.with_name(stem.name + ".history.json"), json.dumps(history, indent=1) + "\n")
+    save_curve(history, stem.with_name(stem.name + ".curve.png"), f"KAM on {len(pairs)} pseudo labels (Thr_k {used_thr:g})")
+    print(f"bicm: wrote {out} ({len(pairs)} labels, final loss {history[-1]['loss']:.3f}) and its curve {stem.name}.curve.png", file=sys.stderr)
+
+
+def _feature_cache(cache: Optional[Path], no_cache: bool) -> Any:
+    import os
+
+    from .cache import FeatureCache
+
+    if no_cache:
+        return None
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicm" / "features.sqlite"
+    return FeatureCache(cache or default)
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from .backbone import Backbone, PreprocessSpec
+from .backbone import Backbone, PreprocessSpec, preprocess
 from .cache import FeatureCache
 from .com import encode_crops
 from .imageio import image_digest
@@ -65,6 +65,19 @@ class Encoder:
             self.cache.put_many(new)
             found.update(new)
         return torch.stack([found[k][0]["f"] for k in keys]).to(self.backbone.device)
+
+    def image(self, image: Image.Image, spec: PreprocessSpec, digest: Optional[str] = None) -> torch.Tensor:
+        """``(E,)`` L2-normalised whole-image embedding under ``spec``."""
+        if self.cache is None:
+            return self.backbone.encode_pixels(preprocess(image, spec)[0][None])[0]
+        digest = digest or image_digest(image)
+        key = f"image|{self.backbone.fingerprint()}|{_spec_key(spec)}|{digest}"
+        hit = self.cache.get_many([key]).get(key)
+        if hit is None:
+            feat = self.backbone.encode_pixels(preprocess(image, spec)[0][None])[0]
+            self.cache.put_many({key: ({"f": feat}, {})})
+            return feat
+        return hit[0]["f"].to(self.backbone.device)
 
     def proposals(self, source: ProposalSource, image: Image.Image, key: Optional[str], digest: Optional[str] = None) -> Proposals:
         """``source``'s proposals of ``image``."""

@@ -44,7 +44,9 @@ from .proposals.sources import ORACLE_ID, ProposalSource
 __all__ = [
     "ABLATIONS",
     "MAIN_ROW",
+    "KAM_ROW",
     "ablation_rows",
+    "mcnemar",
     "paper_selection",
     "wilson_interval",
     "EvalRun",
@@ -55,6 +57,7 @@ __all__ = [
 ]
 
 MAIN_ROW = "QAM+COM+SF"
+KAM_ROW = "QAM+COM+SF+KAM"
 
 _QA = dict(attention="qa")
 ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -91,9 +94,10 @@ def paper_selection(dataset: str) -> str:
     return "argmax"
 
 
-def ablation_rows(ablation: str, base: BiCMConfig) -> list[tuple[str, BiCMConfig]]:
+def ablation_rows(ablation: str, base: BiCMConfig, kam: bool = False) -> list[tuple[str, BiCMConfig]]:
     """The named configs of an ablation (``table4``, ``table5``, ``table6``, ``all`` or
-    ``none``); :data:`MAIN_ROW` (the full training-free method) is always among them."""
+    ``none``); :data:`MAIN_ROW` (the full training-free method) is always among them, and
+    with ``kam`` :data:`KAM_ROW` (Table 4's last row) follows it."""
     if ablation == "all":
         names = ["table4", "table5", "table6"]
     elif ablation == "none":
@@ -104,6 +108,8 @@ def ablation_rows(ablation: str, base: BiCMConfig) -> list[tuple[str, BiCMConfig
         raise BicmError(f"unknown ablation {ablation!r}; use table4, table5, table6, all or none")
     rows: "OrderedDict[str, BiCMConfig]" = OrderedDict()
     rows[MAIN_ROW] = base.replace(**ABLATIONS["table4"][-1][1])
+    if kam:
+        rows[KAM_ROW] = base.replace(components=("qam", "com", "sf", "kam"), attention="qa")
     for name in names:
         for row, changes in ABLATIONS[name]:
             rows.setdefault(row, base.replace(**changes))
@@ -135,10 +141,11 @@ class EvalRun:
     config: dict[str, Any]
     part: Optional[str] = None
     limit: Optional[int] = None
+    kam: Optional[str] = None
 
     def same_work(self, other: "EvalRun") -> bool:
         mine, theirs = asdict(self), asdict(other)
-        return all(mine[k] == theirs[k] for k in ("dataset", "split", "proposals", "model", "rows", "config"))
+        return all(mine[k] == theirs[k] for k in ("dataset", "split", "proposals", "model", "rows", "config", "kam"))
 
 
 def _group_by_image(samples: Sequence[GroundingSample]) -> "OrderedDict[str, list[GroundingSample]]":
@@ -171,7 +178,8 @@ def _needs(rows: Sequence[tuple[str, BiCMConfig]]) -> dict[str, Any]:
     kinds = sorted({c.attention for _, c in rows if "qam" in c.components})
     visual = any("com" in c.components and c.com_mode in ("both", "visual") for _, c in rows)
     names = any("com" in c.components and c.com_mode in ("both", "class") for _, c in rows)
-    return dict(kinds=kinds, visual=visual, names=names)
+    kam = any("kam" in c.components for _, c in rows)
+    return dict(kinds=kinds, visual=visual, names=names, kam=kam)
 
 
 def _oracle(group: Sequence[GroundingSample]) -> Proposals:
@@ -221,6 +229,7 @@ def run_eval(
         config=config_dict(rows[0][1]),
         part=part,
         limit=limit,
+        kam=None if grounder.kam is None else grounder.kam.fingerprint(),
     )
     _check_run_file(out_dir, run)
     needs = _needs(rows)
@@ -342,6 +351,8 @@ def summarize(records: Sequence[dict[str, Any]], run: EvalRun) -> dict[str, Any]
         "errors": sum(1 for r in records if r.get("error")),
         "rows": rows,
     }
+    if MAIN_ROW in run.rows and KAM_ROW in run.rows:
+        summary["paired"] = mcnemar(records, MAIN_ROW, KAM_ROW)
     kinds = sorted({r["kind"] for r in records if r.get("kind")})
     if kinds:
         summary["by_kind"] = {
@@ -352,6 +363,24 @@ def summarize(records: Sequence[dict[str, Any]], run: EvalRun) -> dict[str, Any]
             for kind in kinds
         }
     return summary
+
+
+def mcnemar(records: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """Paired comparison of rows ``a`` and ``b`` on the same queries: exact McNemar test.
+
+    ``a_only``/``b_only`` count the queries only that row gets right; the two-sided p-value
+    is the binomial test of ``b_only`` among the discordant queries at 1/2.
+    """
+    from scipy.stats import binomtest
+
+    both = [r for r in records if "skipped" not in r["rows"].get(a, {}) and "skipped" not in r["rows"].get(b, {})]
+    hit_a = [bool(r["rows"].get(a, {}).get("hit")) for r in both]
+    hit_b = [bool(r["rows"].get(b, {}).get("hit")) for r in both]
+    a_only = sum(1 for x, y in zip(hit_a, hit_b) if x and not y)
+    b_only = sum(1 for x, y in zip(hit_a, hit_b) if y and not x)
+    p = binomtest(b_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    n = len(both)
+    return {"a": a, "b": b, "n": n, "a_only": a_only, "b_only": b_only, "difference": (b_only - a_only) / n if n else 0.0, "p_value": float(p)}
 
 
 def _accuracy(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -384,6 +413,14 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for name, value in paper.items():
         if name not in {row["name"] for row in summary["rows"]}:
             lines.append(f"| {name} (paper only) | | | | {value:.2f} |")
+    paired = summary.get("paired")
+    if paired:
+        lines += [
+            "",
+            f"Paired on the same {paired['n']} queries: {paired['b']} minus {paired['a']} = "
+            f"{100 * paired['difference']:+.2f} points ({paired['b_only']} queries only it gets right, "
+            f"{paired['a_only']} only {paired['a']}); exact McNemar p = {paired['p_value']:.3g}.",
+        ]
     by_kind = summary.get("by_kind")
     if by_kind:
         kinds = list(by_kind)

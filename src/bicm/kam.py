@@ -1,0 +1,313 @@
+"""KAM, knowledge adaptation matching (Sec. 3.5, Fig. 3): the MLP, its training, its file.
+
+The MLP scores one candidate box of one image-query pair from four L2-normalised CLIP
+embeddings, concatenated in the paper's order ``[fi, fp_r, fc_r, fq]``::
+
+    (4E) -> FC -> BN -> ReLU -> FC -> BN -> ReLU -> FC -> (1) -> sigmoid = S_KAM
+
+``fi`` is the whole image, ``fp_r`` the crop of box ``r``, ``fc_r`` its class name (zeros
+where the proposals carry none and the model was trained without them), ``fq`` the query.
+
+Training (:func:`train_kam`) reads pseudo labels (made by :mod:`bicm.pseudo`), never CLIP:
+the loss is the softmax cross-entropy over the candidate boxes of each pair with the
+pseudo-labelled box as the target (the loss of Hu et al. 2016 that the paper cites; GUIDE
+§2), on the MLP's pre-sigmoid outputs. Adam, lr 1e-4, 50 epochs (Sec. 4.1), seeded.
+
+A trained model is a safetensors file whose metadata holds its config and the fingerprint
+of the backbone whose features it learned (:meth:`KamModel.check_backbone` refuses any
+other backbone: the embeddings of two CLIPs are not interchangeable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .atomic import atomic_path
+from .errors import BicmError
+
+__all__ = ["KamConfig", "KamMLP", "KamPair", "KamModel", "kam_inputs", "train_kam", "pair_loss", "FILE_KEY"]
+
+FILE_KEY = "bicm_kam"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class KamConfig:
+    """How the KAM MLP is built and trained (paper defaults where it gives them).
+
+    Attributes
+    ----------
+    hidden: width of the two hidden layers (the paper does not give it).
+    epochs: passes over the pseudo labels (50).
+    lr: Adam learning rate (1e-4).
+    batch_pairs: image-query pairs per step (all candidates of a pair stay together).
+    seed: initialisation and shuffling.
+    """
+
+    hidden: int = 512
+    epochs: int = 50
+    lr: float = 1e-4
+    batch_pairs: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.epochs < 1 or self.batch_pairs < 1:
+            raise BicmError("hidden, epochs and batch size must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BicmError(f"learning rate must be positive, got {self.lr}")
+
+
+class KamMLP(nn.Module):
+    """Fig. 3: three fully connected layers, BN + ReLU after the first two.
+
+    ``forward`` returns pre-sigmoid logits ``(R,)`` for ``(R, 4E)`` inputs; S_KAM is their
+    sigmoid (:meth:`score`).
+    """
+
+    def __init__(self, embed_dim: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.net = nn.Sequential(
+            nn.Linear(4 * embed_dim, hidden),  # fuses the four inputs
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),  # transforms the fused features
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),  # the score
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """``(R,)`` S_KAM in (0, 1) of ``(R, 4E)`` inputs (BN in inference mode)."""
+        return torch.sigmoid(self(x))
+
+
+def kam_inputs(fi: torch.Tensor, fp: torch.Tensor, fc: Optional[torch.Tensor], fq: torch.Tensor) -> torch.Tensor:
+    """``(K, 4E)`` MLP inputs ``[fi, fp_r, fc_r, fq]`` of K candidates.
+
+    fi: ``(E,)`` image; fp: ``(K, E)`` crops; fc: ``(K, E)`` class names or ``None`` (zeros);
+    fq: ``(E,)`` query.
+    """
+    k, e = fp.shape
+    fc = torch.zeros(k, e, dtype=fp.dtype, device=fp.device) if fc is None else fc
+    return torch.cat([fi.reshape(1, e).expand(k, e), fp, fc.to(fp.dtype), fq.reshape(1, e).expand(k, e)], dim=1)
+
+
+@dataclass
+class KamPair:
+    """One pseudo-labelled image-query pair, as the MLP sees it.
+
+    fi: ``(E,)``; fq: ``(E,)``; fp: ``(K, E)``; fc: ``(K, E)`` or ``None``;
+    target: indices of the pseudo-labelled candidate(s) (several when the label is a union).
+    """
+
+    fi: torch.Tensor
+    fq: torch.Tensor
+    fp: torch.Tensor
+    fc: Optional[torch.Tensor]
+    target: list[int]
+
+    def inputs(self, use_names: bool) -> torch.Tensor:
+        return kam_inputs(self.fi.float(), self.fp.float(), self.fc.float() if use_names and self.fc is not None else None, self.fq.float())
+
+
+def pair_loss(logits: torch.Tensor, sizes: Sequence[int], targets: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Mean softmax cross-entropy over pairs.
+
+    logits: ``(R,)`` for the candidates of all pairs, pair after pair; sizes: candidates per
+    pair; targets: the labelled candidate indices of each pair (uniform target over them).
+    """
+    padded, mask = _pad(logits, sizes)
+    logp = F.log_softmax(padded, dim=1).masked_fill(~mask, 0.0)
+    weight = torch.zeros_like(logp)
+    for i, target in enumerate(targets):
+        weight[i, list(target)] = 1.0 / len(target)
+    return -(logp * weight).sum(dim=1).mean()
+
+
+def _pad(values: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, K_max)`` rows of the concatenated ``values`` (-inf padding) and the valid mask."""
+    lengths = torch.tensor(list(sizes), device=values.device)
+    mask = torch.arange(int(lengths.max()), device=values.device)[None] < lengths[:, None]
+    padded = values.new_full(mask.shape, float("-inf"))
+    padded = padded.masked_scatter(mask, values)
+    return padded, mask
+
+
+@dataclass
+class KamModel:
+    """A trained KAM MLP bound to the backbone it learned from."""
+
+    mlp: KamMLP
+    config: KamConfig
+    backbone_id: str
+    backbone_name: str = ""
+    use_names: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.mlp.embed_dim
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights and config (names this model in run files)."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for name, tensor in sorted(self.mlp.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def check_backbone(self, fingerprint: str, name: str = "") -> None:
+        """Refuse a backbone other than the one this model was trained on."""
+        if fingerprint != self.backbone_id:
+            raise BicmError(
+                f"this KAM model was trained on backbone {self.backbone_name or '?'}@{self.backbone_id[:12]}, "
+                f"not {name or '?'}@{fingerprint[:12]}; train one for this backbone ('bicm pseudo-label', 'bicm train-kam')"
+            )
+
+    @torch.no_grad()
+    def scores(self, fi: torch.Tensor, fq: torch.Tensor, fp: torch.Tensor, fc: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(K,)`` S_KAM of K candidates (shapes as :func:`kam_inputs`)."""
+        self.mlp.eval()
+        x = kam_inputs(fi.float(), fp.float(), fc.float() if (self.use_names and fc is not None) else None, fq.float())
+        return self.mlp.score(x.to(next(self.mlp.parameters()).device)).to(fp.device)
+
+    def to(self, device: Union[str, torch.device]) -> "KamModel":
+        self.mlp.to(device)
+        return self
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write a safetensors file (atomically) carrying the config and backbone id."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "format": _FORMAT,
+            "embed_dim": self.embed_dim,
+            "config": asdict(self.config),
+            "backbone_id": self.backbone_id,
+            "backbone_name": self.backbone_name,
+            "use_names": self.use_names,
+            "info": self.info,
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in self.mlp.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata={FILE_KEY: json.dumps(meta, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "KamModel":
+        """Read a file written by :meth:`save` (safetensors: no code runs)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise BicmError(f"KAM model {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(FILE_KEY)
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BicmError(f"{path} is not a safetensors file ({exc})") from None
+        if raw is None:
+            raise BicmError(f"{path} is not a bicm KAM model (no {FILE_KEY!r} metadata)")
+        meta = json.loads(raw)
+        if meta.get("format") != _FORMAT:
+            raise BicmError(f"{path}: unsupported KAM file format {meta.get('format')!r}")
+        config = KamConfig(**meta["config"])
+        mlp = KamMLP(int(meta["embed_dim"]), config.hidden)
+        try:
+            mlp.load_state_dict(state)
+        except RuntimeError as exc:
+            raise BicmError(f"{path}: weights do not match the recorded config ({str(exc).splitlines()[0]})") from None
+        mlp.eval().to(device)
+        return cls(mlp, config, meta["backbone_id"], meta.get("backbone_name", ""), bool(meta.get("use_names", True)), meta.get("info", {}))
+
+
+def train_kam(
+    pairs: Sequence[KamPair],
+    config: KamConfig = KamConfig(),
+    *,
+    use_names: bool = True,
+    on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> tuple[KamMLP, list[dict[str, float]]]:
+    """Train the MLP on pseudo-labelled pairs (CPU; small).
+
+    Returns the MLP (in eval mode) and one history record per epoch: ``loss`` (mean
+    cross-entropy), ``agree`` (share of pairs whose top-scored candidate is a labelled one)
+    and ``seconds``.
+    """
+    pairs = [p for p in pairs if p.fp.shape[0] >= 1 and p.target]
+    if not pairs:
+        raise BicmError("no pseudo labels to train on (lower --thr-k, or pseudo-label more images)")
+    embed_dim = int(pairs[0].fi.shape[-1])
+    if any(p.fp.shape[1] != embed_dim for p in pairs):
+        raise BicmError("the pseudo labels mix embeddings of different sizes (different backbones?)")
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
+        torch.manual_seed(config.seed)
+        mlp = KamMLP(embed_dim, config.hidden)
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=config.lr)
+    inputs = [p.inputs(use_names) for p in pairs]  # (K_i, 4E) each, built once
+    sizes = [x.shape[0] for x in inputs]
+    history: list[dict[str, float]] = []
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        mlp.train()
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        total, agree, seen = 0.0, 0, 0
+        for b in range(0, len(order), config.batch_pairs):
+            batch = order[b : b + config.batch_pairs]
+            x = torch.cat([inputs[i] for i in batch])
+            if x.shape[0] < 2:  # BatchNorm needs two rows
+                continue
+            logits = mlp(x)
+            loss = pair_loss(logits, [sizes[i] for i in batch], [pairs[i].target for i in batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+            top = _pad(logits.detach(), [sizes[i] for i in batch])[0].argmax(dim=1).tolist()
+            agree += sum(int(t in pairs[i].target) for t, i in zip(top, batch))
+        record = {"epoch": epoch, "loss": total / max(1, seen), "agree": agree / max(1, seen), "seconds": time.perf_counter() - start}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+    mlp.eval()
+    return mlp, history
+
+
+def save_curve(history: Sequence[dict[str, float]], path: Union[str, Path], title: str = "KAM training") -> None:
+    """Loss and agreement per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(epochs, [h["loss"] for h in history], color="tab:blue", label="loss (softmax CE over candidates)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss", color="tab:blue")
+    other = ax.twinx()
+    other.plot(epochs, [100 * h["agree"] for h in history], color="tab:orange", label="top-1 = pseudo label (%)")
+    other.set_ylabel("top-1 = pseudo label (%)", color="tab:orange")
+    other.set_ylim(0, 100)
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

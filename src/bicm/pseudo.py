@@ -1,0 +1,510 @@
+"""KAM's pseudo labels (Sec. 3.5): pair unpaired images with queries, ground, keep the sure ones.
+
+1. **Match.** Every image and every query are embedded by CLIP; each image takes the query
+   of highest cosine similarity. Queries are streamed in chunks against the image
+   embeddings, so memory is ``O(images x E + chunk x images)``, never images x queries.
+2. **Ground.** BiCM (QAM+COM+SF by default) grounds each image's query; a pair whose fused
+   score ``S_r`` is above ``Thr_k`` (0.9) becomes a pseudo label.
+3. **Store.** Every pair goes to ``pairs.jsonl`` (appended image by image, fsynced: a killed
+   run resumes where it stopped); the labels to ``labels.jsonl``; the MLP inputs of every
+   pair scoring at least ``features_above`` (default ``Thr_k``) to ``kam_features.sqlite``,
+   so ``bicm train-kam`` never runs CLIP.
+
+Where ground truth exists (an analysis flag reveals it) the Table 7 report gives, per
+threshold, the number of labels and their precision: IoU > 0.5 with a true box of that query
+in that image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torchvision.ops import box_iou
+
+from .api import BiCMConfig, Grounder, config_dict
+from .atomic import atomic_write_text
+from .cache import FeatureCache
+from .errors import BicmError, warn
+from .evaluate import wilson_interval
+from .imageio import load_image
+from .jsonl import JsonlAppender, read_jsonl
+from .proposals.sources import ProposalSource
+
+__all__ = [
+    "PseudoRun",
+    "TABLE7_THRESHOLDS",
+    "best_queries",
+    "run_pseudo_label",
+    "read_kam_pairs",
+    "precision_table",
+    "table7_markdown",
+    "normalize_query",
+]
+
+TABLE7_THRESHOLDS = (0.6, 0.7, 0.8, 0.9)
+Truth = dict[tuple[str, str], list[tuple[float, float, float, float]]]
+
+
+def normalize_query(query: str) -> str:
+    """The form queries are compared in (whitespace collapsed, lower case)."""
+    return " ".join(query.split()).lower()
+
+
+@dataclass
+class PseudoRun:
+    """What a pseudo-labelling run is: written to ``run.json``; a resumed run must match it."""
+
+    images: str
+    queries: str
+    n_images: int
+    n_queries: int
+    proposals: str
+    model: str
+    config: dict[str, Any]
+    thr_k: float
+    features_above: float
+
+    def same_work(self, other: "PseudoRun") -> bool:
+        mine, theirs = asdict(self), asdict(other)
+        # Thr_k only filters, and a --limit run is a prefix of the full one: both may change on resume
+        return all(mine[k] == theirs[k] for k in mine if k not in ("thr_k", "n_images"))
+
+
+def best_queries(
+    image_feats: torch.Tensor,
+    queries: Sequence[str],
+    encode_text: Callable[[Sequence[str]], torch.Tensor],
+    chunk: int = 4096,
+    max_block: int = 1 << 24,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best query of every image by cosine similarity, streaming the queries.
+
+    Parameters
+    ----------
+    image_feats: ``(N, E)`` L2-normalised image embeddings.
+    queries: Q texts; ``encode_text`` maps a list of texts to ``(n, E)`` L2-normalised rows.
+    chunk: queries encoded at once; max_block: most similarity entries held at once.
+
+    Returns
+    -------
+    index: ``(N,)`` long, the best query of each image (the first on ties).
+    similarity: ``(N,)`` its cosine similarity.
+    """
+    n = image_feats.shape[0]
+    best = torch.full((n,), float("-inf"))
+    index = torch.zeros(n, dtype=torch.long)
+    feats = image_feats.float().cpu()
+    for start in range(0, len(queries), chunk):
+        q = encode_text(list(queries[start : start + chunk])).float().cpu()  # (c, E)
+        rows = max(1, max_block // max(1, q.shape[0]))
+        for r in range(0, n, rows):
+            sims = feats[r : r + rows] @ q.T  # (rows, c)
+            value, where = sims.max(dim=1)
+            better = value > best[r : r + rows]
+            best[r : r + rows] = torch.where(better, value, best[r : r + rows])
+            index[r : r + rows] = torch.where(better, where + start, index[r : r + rows])
+        if progress is not None:
+            progress(min(len(queries), start + chunk))
+    return index, best
+
+
+def run_pseudo_label(
+    grounder: Grounder,
+    images: Sequence[tuple[str, Path]],
+    queries: Sequence[str],
+    out_dir: Union[str, Path],
+    *,
+    source: Optional[ProposalSource],
+    thr_k: float = 0.9,
+    features_above: Optional[float] = None,
+    truth: Optional[Truth] = None,
+    images_desc: str = "",
+    queries_desc: str = "",
+    progress: bool = True,
+    on_pair: Optional[Callable[[int], None]] = None,
+) -> dict[str, Any]:
+    """Pseudo-label unpaired ``images`` (``(key, path)``) with ``queries``.
+
+    ``grounder.config`` grounds each pair (QAM+COM+SF by default; KAM is never used to make
+    its own labels). Writes ``run.json``, ``matches.jsonl``, ``pairs.jsonl``,
+    ``labels.jsonl``, ``kam_features.sqlite``, ``summary.json`` and, with ``truth``,
+    ``table7.md``. Returns the summary.
+    """
+    out_dir = Path(out_dir)
+    if not images:
+        raise BicmError("no images to pseudo-label")
+    queries = list(dict.fromkeys(" ".join(q.split()) for q in queries if q.strip()))
+    if not queries:
+        raise BicmError("no queries to pair the images with")
+    features_above = thr_k if features_above is None else features_above
+    if features_above > thr_k:
+        raise BicmError("--features-above must not exceed --thr-k (the labels need their features)")
+    cfg = grounder.config
+    if "kam" in cfg.components:
+        cfg = cfg.replace(components=tuple(c for c in cfg.components if c != "kam"))
+    if "com" not in cfg.components:
+        raise BicmError("pseudo labels are chosen among COM's candidates: the components must include com")
+    run = PseudoRun(
+        images=images_desc,
+        queries=queries_desc,
+        n_images=len(images),
+        n_queries=len(queries),
+        proposals="none" if source is None else source.id,
+        model=f"{grounder.backbone.name}@{grounder.backbone.fingerprint()}",
+        config=config_dict(cfg),
+        thr_k=thr_k,
+        features_above=features_above,
+    )
+    _check_run_file(out_dir, run)
+    matches = _match(grounder, images, queries, out_dir, progress)
+
+    store = FeatureCache(out_dir / "kam_features.sqlite")
+    pairs_path = out_dir / "pairs.jsonl"
+    try:
+        with JsonlAppender(pairs_path, key_field="id") as out:
+            todo = [m for m in matches if m["id"] not in out.done]
+            if len(todo) < len(matches):
+                _note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
+            with _Bar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
+                for count, match in enumerate(todo, start=1):
+                    record = _ground_pair(grounder, cfg, match, source, store, features_above)
+                    out.append([record])
+                    bar.advance(record.get("score"), thr_k)
+                    if on_pair is not None:
+                        on_pair(count)
+    finally:
+        store.close()
+    records = {r["id"]: r for r in read_jsonl(pairs_path)}
+    pairs = [records[m["id"]] for m in matches if m["id"] in records]
+    labels = [r for r in pairs if r.get("score") is not None and r["score"] > thr_k]
+    atomic_write_text(out_dir / "labels.jsonl", "".join(json.dumps(_label(r)) + "\n" for r in labels))
+    summary: dict[str, Any] = {
+        "images": len(images),
+        "queries": len(queries),
+        "pairs": len(pairs),
+        "errors": sum(1 for r in pairs if r.get("error")),
+        "thr_k": thr_k,
+        "labels": len(labels),
+        "features_above": features_above,
+        "model": run.model,
+        "proposals": run.proposals,
+        "components": list(cfg.components),
+    }
+    if truth is not None:
+        summary["table7"] = precision_table(pairs, truth, sorted(set(TABLE7_THRESHOLDS) | {thr_k}))
+        atomic_write_text(out_dir / "table7.md", table7_markdown(summary["table7"], run.model))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    if summary["errors"]:
+        warn(f"{summary['errors']} images could not be read (see 'error' in {pairs_path}); they give no label")
+    return summary
+
+
+def _match(grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list[str], out_dir: Path, progress: bool) -> list[dict]:
+    """Stage 1 (cached in ``matches.jsonl``): the best query of every image."""
+    path = out_dir / "matches.jsonl"
+    if path.is_file():
+        found = list(read_jsonl(path))
+        if [m["id"] for m in found] == [key for key, _ in images]:
+            return found
+    spec = grounder.backbone.spec
+    feats, keep, errors = [], [], {}
+    with _Bar(progress, "embed images", len(images), 0) as bar:
+        for key, file in images:
+            try:
+                pil = load_image(file, exif_transpose=False)
+                feats.append(grounder.encoder.image(pil, spec).float().cpu())
+                keep.append(key)
+            except BicmError as exc:  # one bad image must not end the run
+                errors[key] = str(exc)
+            bar.advance(None, None)
+    if not keep:
+        raise BicmError("none of the images could be read")
+    with _Bar(progress, "match queries", len(queries), 0) as bar:
+        done = [0]
+
+        def tick(n: int) -> None:
+            bar.advance_to(n)
+            done[0] = n
+
+        index, sims = best_queries(torch.stack(feats), queries, grounder.encoder.text, progress=tick)
+    by_key = {key: (int(i), float(s)) for key, i, s in zip(keep, index.tolist(), sims.tolist())}
+    files = dict(images)
+    out = []
+    for key, _ in images:
+        if key in by_key:
+            qi, sim = by_key[key]
+            out.append({"id": key, "image": str(files[key]), "query": queries[qi], "similarity": round(sim, 6)})
+        else:
+            out.append({"id": key, "image": str(files[key]), "query": None, "similarity": None, "error": errors[key]})
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in out))
+    return out
+
+
+def _ground_pair(
+    grounder: Grounder, cfg: BiCMConfig, match: dict, source: Optional[ProposalSource], store: FeatureCache, features_above: float
+) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": match["id"], "image": match["image"], "query": match["query"], "similarity": match["similarity"]}
+    if match.get("error"):
+        return {**record, "box": None, "score": None, "error": match["error"]}
+    try:
+        pil = load_image(match["image"], exif_transpose=False)
+        features = grounder.extract(pil, [match["query"]], source, image_key=match["id"], kam=True)
+    except BicmError as exc:
+        return {**record, "box": None, "score": None, "error": str(exc)}
+    result = grounder.score(features, cfg)[0]
+    if result.box is None:
+        return {**record, "box": None, "score": None, "candidates": 0}
+    c = result.candidates
+    chosen = result.selected[0]
+    components = {k: None if getattr(c, k) is None else round(float(getattr(c, k)[chosen]), 6) for k in ("s_pq", "s_cq", "s_td")}
+    record.update(
+        box=[round(v, 2) for v in result.box],
+        score=round(float(result.score), 6),
+        selected=result.selected,
+        from_qam=chosen == c.qam_index,
+        components=components,
+        candidates=len(c),
+    )
+    if result.score is not None and result.score >= features_above:
+        fp, fc = grounder.candidate_features(features, 0, cfg)
+        assert features.image_feat is not None
+        tensors = {"fi": features.image_feat.cpu(), "fq": features.text[0].cpu(), "fp": fp.half().cpu(), "boxes": c.boxes}
+        if fc is not None:
+            tensors["fc"] = fc.half().cpu()
+        store.put_many({f"pair|{match['id']}": (tensors, {"target": result.selected, "score": float(result.score)})})
+        record["features"] = True
+    return record
+
+
+def _label(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "image", "query", "box", "score", "similarity", "components", "from_qam")
+    return {k: record.get(k) for k in keys}
+
+
+def read_kam_pairs(run_dir: Union[str, Path], thr_k: Optional[float] = None) -> tuple[list, dict[str, Any]]:
+    """The stored MLP inputs of a pseudo-label run's labels (score > ``thr_k``, default the run's).
+
+    Returns ``(pairs, run)``: :class:`~bicm.kam.KamPair` list and the run's ``run.json``.
+    """
+    from .kam import KamPair
+
+    run_dir = Path(run_dir)
+    run_file, pairs_file, store_file = run_dir / "run.json", run_dir / "pairs.jsonl", run_dir / "kam_features.sqlite"
+    if not (run_file.is_file() and pairs_file.is_file() and store_file.is_file()):
+        raise BicmError(f"{run_dir} is not a finished 'bicm pseudo-label' folder (run.json, pairs.jsonl, kam_features.sqlite)")
+    run = json.loads(run_file.read_text())
+    thr_k = run["thr_k"] if thr_k is None else thr_k
+    if thr_k < run["features_above"]:
+        raise BicmError(
+            f"features were stored for scores >= {run['features_above']}; --thr-k {thr_k} needs a pseudo-label run "
+            f"with --features-above {thr_k} or lower"
+        )
+    wanted = [r for r in read_jsonl(pairs_file) if r.get("score") is not None and r["score"] > thr_k]
+    store = FeatureCache(store_file)
+    try:
+        found = store.get_many([f"pair|{r['id']}" for r in wanted])
+    finally:
+        store.close()
+    pairs, missing = [], 0
+    for r in wanted:
+        entry = found.get(f"pair|{r['id']}")
+        if entry is None:
+            missing += 1
+            continue
+        t, meta = entry
+        pairs.append(KamPair(t["fi"], t["fq"], t["fp"], t.get("fc"), list(meta["target"])))
+    if missing:
+        warn(f"{missing} labels have no stored features (a damaged store?); trained without them")
+    return pairs, run
+
+
+def precision_table(pairs: Sequence[dict[str, Any]], truth: Truth, thresholds: Sequence[float]) -> list[dict[str, Any]]:
+    """Table 7: per threshold, the labels (score > t) and their precision against ``truth``."""
+    correct = {r["id"]: _correct(r, truth) for r in pairs if r.get("score") is not None}
+    rows = []
+    for t in [float("-inf"), *thresholds]:
+        chosen = [r["id"] for r in pairs if r.get("score") is not None and r["score"] > t]
+        k = sum(correct[i] for i in chosen)
+        lo, hi = wilson_interval(k, len(chosen))
+        rows.append({"thr_k": None if t == float("-inf") else t, "labels": len(chosen), "correct": k,
+                     "precision": k / len(chosen) if chosen else None, "ci_low": lo, "ci_high": hi})
+    return rows
+
+
+def _correct(record: dict[str, Any], truth: Truth) -> bool:
+    boxes = truth.get((record["id"], normalize_query(record["query"])), [])
+    if not boxes or record.get("box") is None:
+        return False
+    return bool((box_iou(torch.tensor([record["box"]]), torch.tensor(boxes, dtype=torch.float32)) > 0.5).any())
+
+
+def table7_markdown(rows: Sequence[dict[str, Any]], model: str) -> str:
+    lines = [
+        f"Pseudo labels by threshold (Table 7; model `{model}`): precision = IoU > 0.5 with a true box of the query",
+        "",
+        "| Thr_k | labels | correct | precision (%) | 95% CI |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        name = "all pairs" if row["thr_k"] is None else f"{row['thr_k']:g}"
+        p = "" if row["precision"] is None else f"{100 * row['precision']:.1f}"
+        lines.append(f"| {name} | {row['labels']} | {row['correct']} | {p} | {100 * row['ci_low']:.1f}-{100 * row['ci_high']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_run_file(out_dir: Path, run: PseudoRun) -> None:
+    path = out_dir / "run.json"
+    if path.is_file():
+        try:
+            previous = PseudoRun(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            raise BicmError(f"{path} is not a bicm pseudo-label run file; use another --out") from None
+        if not previous.same_work(run):
+            raise BicmError(f"{out_dir} holds a pseudo-label run with other settings; use another --out (or delete it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(asdict(run), indent=1) + "\n")
+
+
+def _note(message: str) -> None:
+    import sys
+
+    print(f"bicm: {message}", file=sys.stderr)
+
+
+class _Bar:
+    """A rich progress bar (items, ETA, labels so far), or nothing."""
+
+    def __init__(self, enabled: bool, title: str, total: int, done: int) -> None:
+        self.enabled, self.title, self.total, self.done = enabled, title, total, done
+        self.labels = 0
+        self._bar: Any = None
+
+    def __enter__(self) -> "_Bar":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn(self.title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.title, total=self.total, completed=self.done, info="")
+        self._start = time.perf_counter()
+        return self
+
+    def advance(self, score: Optional[float], thr_k: Optional[float]) -> None:
+        if score is not None and thr_k is not None and score > thr_k:
+            self.labels += 1
+        if self._bar is not None:
+            info = f"{self.labels} labels" if thr_k is not None else ""
+            self._bar.update(self._task, advance=1, info=info)
+
+    def advance_to(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def iter_image_files(folder: Path) -> Iterator[Path]:
+    """Image files under ``folder`` (sorted, recursive)."""
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+    return iter(sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()))
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: files, folders, or a dataset's training split taken apart
+# --------------------------------------------------------------------------------------
+@dataclass
+class UnpairedData:
+    """Images and queries without correspondences (and, for analysis only, the truth)."""
+
+    images: list[tuple[str, Path]]
+    queries: list[str]
+    truth: Optional[Truth]
+    images_desc: str
+    queries_desc: str
+
+
+def read_image_list(path: Path) -> list[tuple[str, Path]]:
+    """Images from a folder, a text file (one path per line) or JSON Lines (``"image"``).
+
+    Relative paths in a list are relative to the list's folder. Keys are the paths as
+    written (or relative to the folder).
+    """
+    if path.is_dir():
+        return [(str(p.relative_to(path)), p) for p in iter_image_files(path)]
+    if not path.is_file():
+        raise BicmError(f"image list {path} does not exist")
+    out = []
+    for number, entry in enumerate(_list_entries(path, "image"), start=1):
+        file = Path(entry)
+        out.append((entry, file if file.is_absolute() else path.parent / file))
+    if not out:
+        raise BicmError(f"{path} lists no images")
+    return out
+
+
+def read_query_list(path: Path) -> list[str]:
+    """Queries from a text file (one per line) or JSON Lines (``"query"``)."""
+    if not path.is_file():
+        raise BicmError(f"query list {path} does not exist")
+    queries = list(_list_entries(path, "query"))
+    if not queries:
+        raise BicmError(f"{path} lists no queries")
+    return queries
+
+
+def _list_entries(path: Path, field_name: str) -> Iterator[str]:
+    if path.suffix.lower() == ".jsonl":
+        for number, record in enumerate(read_jsonl(path), start=1):
+            value = record.get(field_name)
+            if not isinstance(value, str) or not value.strip():
+                raise BicmError(f"{path} line {number} has no {field_name!r} text")
+            yield value
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BicmError(f"{path} is not UTF-8 text") from None
+    for line in text.splitlines():
+        if line.strip():
+            yield line.strip()
+
+
+def truth_from_records(records: Sequence[dict[str, Any]]) -> Truth:
+    """``(image key, normalised query) -> true boxes`` from records with image, query, box."""
+    truth: Truth = {}
+    for r in records:
+        truth.setdefault((r["image"], normalize_query(r["query"])), []).append(tuple(r["box"]))  # type: ignore[arg-type]
+    return truth
+
+
+def shapes_unpaired(root: Union[str, Path, None], reveal_truth: bool, limit: Optional[int] = None) -> UnpairedData:
+    """The shapes world's unpaired train split (images, the queries of other scenes)."""
+    from .shapes.dataset import ensure_shapes
+
+    root = ensure_shapes(root, ("train",))
+    images = [(r["image"], root / r["image"]) for r in read_jsonl(root / "train_images.jsonl")]
+    queries = [r["query"] for r in read_jsonl(root / "train_queries.jsonl")]
+    if limit is not None:
+        images = images[:limit]
+    truth = truth_from_records(list(read_jsonl(root / "train_truth.jsonl"))) if reveal_truth else None
+    return UnpairedData(images, queries, truth, f"shapes train ({root})", f"shapes train_queries ({root})")
+
+
+def dataset_unpaired(samples: Sequence[Any], image_root: Path, name: str, reveal_truth: bool) -> UnpairedData:
+    """A paired dataset split taken apart: its images, and its queries with the pairing dropped."""
+    images = list(dict.fromkeys(s.image_file for s in samples))
+    queries = list(dict.fromkeys(s.query for s in samples))
+    truth = None
+    if reveal_truth:
+        truth = {}
+        for s in samples:
+            truth.setdefault((s.image_file, normalize_query(s.query)), []).append(tuple(s.box))
+    return UnpairedData([(i, image_root / i) for i in images], queries, truth, f"{name} images", f"{name} queries")
