@@ -218,3 +218,25 @@ def test_kill_minus_nine_then_resume_gives_the_same_numbers(tmp_path, tiny_check
     want = json.loads((tmp_path / "ref" / "summary.json").read_text())["rows"]
     got = json.loads((tmp_path / "run" / "summary.json").read_text())["rows"]
     assert got == want
+
+
+def test_kam_rows_and_the_paired_mcnemar_test():
+    from scipy.stats import binomtest
+
+    from bicm.evaluate import KAM_ROW, mcnemar
+
+    names = [n for n, _ in ablation_rows("none", BiCMConfig(), kam=True)]
+    assert names == [MAIN_ROW, KAM_ROW, "COM+KAM"]
+    rows = dict(ablation_rows("none", BiCMConfig(), kam=True))
+    assert rows[KAM_ROW].components == ("qam", "com", "sf", "kam")
+
+    def rec(a, b):
+        return {"rows": {MAIN_ROW: {"hit": a}, KAM_ROW: {"hit": b}}}
+
+    records = [rec(True, True)] * 5 + [rec(True, False)] * 2 + [rec(False, True)] * 9 + [rec(False, False)] * 4
+    records.append({"rows": {MAIN_ROW: {"hit": True}, KAM_ROW: {"skipped": "n/a"}}})  # not paired: left out
+    test = mcnemar(records, MAIN_ROW, KAM_ROW)
+    assert (test["n"], test["a_only"], test["b_only"]) == (20, 2, 9)
+    assert test["difference"] == pytest.approx(7 / 20)
+    assert test["p_value"] == pytest.approx(binomtest(9, 11, 0.5).pvalue)
+    assert mcnemar([rec(True, True)], MAIN_ROW, KAM_ROW)["p_value"] == 1.0

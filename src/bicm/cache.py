@@ -11,7 +11,9 @@ What is cached (each key names everything the value depends on):
 * ``text|<model>|<text>``: a text embedding;
 * ``crop|<model>|<preprocessing>|<image>|<box>``: the embedding of one box crop (proposal or
   QAM box);
-* ``props|<source>|<image>``: a source's proposals of one image.
+* ``props|<source>|<image>``: a source's proposals of one image;
+* ``image|<model>|<preprocessing>|<image>``: a whole-image embedding (KAM's ``fi``, and the
+  image side of ``bicm pseudo-label``'s matching).
 
 ``<model>`` is a hash of the weights plus the autocast dtype, ``<image>`` a hash of the decoded
 pixels, ``<source>`` the source id with its options. A change to any of them misses the cache

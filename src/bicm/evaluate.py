@@ -110,6 +110,7 @@ def ablation_rows(ablation: str, base: BiCMConfig, kam: bool = False) -> list[tu
     rows[MAIN_ROW] = base.replace(**ABLATIONS["table4"][-1][1])
     if kam:
         rows[KAM_ROW] = base.replace(components=("qam", "com", "sf", "kam"), attention="qa")
+        rows["COM+KAM"] = base.replace(components=("com", "kam"))  # KAM without the top-down terms (not in the paper)
     for name in names:
         for row, changes in ABLATIONS[name]:
             rows.setdefault(row, base.replace(**changes))
