@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 from typing import Sequence, Union
@@ -12,7 +13,7 @@ from PIL import Image
 from .api import GroundingResult
 from .atomic import atomic_path
 
-__all__ = ["save_visualization"]
+__all__ = ["save_visualization", "render_visualization"]
 
 
 def save_visualization(
@@ -31,19 +32,48 @@ def save_visualization(
     CLIP's whole-image view (its center crop) did not reach, no heat is drawn and a dotted
     black frame marks the view.
     """
-    import matplotlib
+    path = Path(path)
+    fig = _figure(image, results, max_candidates)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return path
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+
+def render_visualization(
+    image: Image.Image,
+    results: Sequence[GroundingResult],
+    *,
+    max_candidates: int = 30,
+    dpi: int = 110,
+    format: str = "png",
+) -> bytes:
+    """The picture of :func:`save_visualization`, as the bytes of a ``format`` file (in memory)."""
+    fig = _figure(image, results, max_candidates)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=format)
+    return buffer.getvalue()
+
+
+def _figure(image: Image.Image, results: Sequence[GroundingResult], max_candidates: int):
+    """One panel per result on a matplotlib ``Figure``.
+
+    Built without pyplot (no global figure registry), so that threads of a server can draw at
+    the same time and nothing has to be closed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    path = Path(path)
     n = len(results)
+    if n == 0:
+        raise ValueError("nothing to draw: no results")
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     aspect = image.height / max(image.width, 1)
     panel_w = 5.0
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, panel_w * aspect * rows + 0.8 * rows), squeeze=False)
+    fig = Figure(figsize=(panel_w * cols, panel_w * aspect * rows + 0.8 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     pixels = np.asarray(image)
     for ax in axes.flat[n:]:
         ax.axis("off")
@@ -75,12 +105,7 @@ def save_visualization(
         ax.set_ylim(image.height, 0)
         ax.axis("off")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
+    return fig
 
 
 def _outside(result: GroundingResult, image: Image.Image) -> np.ndarray:
