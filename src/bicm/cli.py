@@ -713,6 +713,56 @@ def _print_table(image: Path, results: list) -> None:
         print(f"bicm: note: {note}", file=sys.stderr)
 
 
+@app.command()
+@user_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes the demo to the network)."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="open_clip architecture or 'shapes' [default: shapes, the shipped offline CLIP]."
+    ),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag (e.g. openai), as in bicm ground."),
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
+    device: str = DEVICE_OPT,
+    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    name_with: Optional[str] = typer.Option(
+        None, help="Name proposals by CLIP over vg1600, coco80 or a text file [default: shapes with the shapes model]."
+    ),
+    name_template: str = NAME_TEMPLATE_OPT,
+    top_n: int = TOP_N_OPT,
+    ss_mode: SsModeOpt = SS_MODE_OPT,
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload (MB)."),
+    max_image_pixels: int = typer.Option(25_000_000, help="Largest accepted image (width x height), checked before decoding."),
+    timeout: float = typer.Option(120.0, help="Seconds before a request is answered with a timeout (queueing included)."),
+    cache_images: int = typer.Option(8, help="Images whose proposals and crop features stay in memory."),
+) -> None:
+    """Web demo: a local page to ground phrases in an uploaded image or a bundled example."""
+    from .serve import ServeLimits, serve_command
+
+    limits = ServeLimits(
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_pixels=max_image_pixels,
+        timeout_s=timeout,
+        cache_images=cache_images,
+    )
+    serve_command(
+        host,
+        port,
+        model=model,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        quick_gelu=quick_gelu,
+        device=device,
+        amp=amp,
+        name_with=name_with,
+        name_template=name_template,
+        top_n=top_n,
+        ss_mode=ss_mode,
+        limits=limits,
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="bicm")

@@ -1,0 +1,706 @@
+"""``bicm serve``: a local web page to try BiCM on an uploaded photo or a bundled example.
+
+The page (``bicm/static/index.html``, one file of HTML + JavaScript, no external assets) posts
+the image, the phrases (one per line), the proposal source and the components to
+``/api/ground`` and shows, per phrase, the picture of :func:`bicm.viz.render_visualization`
+(heatmap, candidates, chosen box), a table of the top candidates' component scores, and a
+download of the JSON result (:meth:`bicm.api.GroundingResult.to_dict` per phrase).
+
+Why starlette + uvicorn and not Gradio: the page needs four widgets and one table. Gradio
+would add a large dependency tree (its own FastAPI, pydantic, pandas, a bundled frontend and
+more) and, by default, fonts and analytics fetched from the network, which bicm's offline
+machines do not have. starlette (the toolkit FastAPI is built on), uvicorn and
+python-multipart are three small pure-Python packages; they live in the ``serve`` extra
+(``pip install "bicm[serve]"``) so that the library and the other commands do not need them.
+
+What a public demo needs, and how this module does it:
+
+* the per-image work is shared: the phrases of one request go through one
+  :meth:`~bicm.api.Grounder.ground_many`, and :class:`MemoryFeatureCache` keeps the
+  proposals and crop embeddings of the last few images (by :func:`bicm.imageio.image_digest`),
+  so a follow-up request on the same image only pays for its new phrases;
+* limits: upload bytes (checked from ``Content-Length`` and while reading), image pixels
+  (checked from the header, before decoding), number and length of the phrases, a request
+  timeout;
+* one CPU lock: requests are computed one at a time (torch already uses every core);
+* the client never names a file on the server: examples are picked by name from a fixed
+  table, and a detections file is not accepted;
+* mistakes come back as HTTP 4xx with ``{"error": "..."}``, shown on the page;
+* it binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import math
+import tempfile
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+
+from .errors import BicmError, BicmWarning
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .api import Grounder, GroundingResult
+    from .cache import Entry
+    from .proposals.sources import ProposalSource
+
+__all__ = [
+    "ServeLimits",
+    "Example",
+    "MemoryFeatureCache",
+    "DemoService",
+    "DemoError",
+    "bundled_examples",
+    "create_app",
+    "run_server",
+]
+
+MB = 1024 * 1024
+
+#: Bytes a multipart form adds around the image (boundaries, headers, the text fields).
+FORM_OVERHEAD = 256 * 1024
+
+#: Proposal sources the page offers (a detections file is never accepted from a client).
+PROPOSAL_CHOICES = ("selective-search", "none")
+
+#: How many of the best candidates the page's score table shows.
+TOP_CANDIDATES = 8
+
+#: Seconds the HTTP side waits beyond the deadline, so that a worker still queueing for the
+#: CPU answers 503 (busy) itself rather than the client getting 504.
+LOCK_GRACE_S = 0.5
+
+WEB_PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask of the server.
+
+    Attributes
+    ----------
+    max_upload_bytes: largest accepted image file.
+    max_pixels: largest accepted image (width x height), checked before decoding.
+    timeout_s: a request that has not been answered after this long (waiting for the CPU
+        included) gets HTTP 503/504.
+    max_queries: phrases per request.
+    max_query_chars: characters per phrase.
+    cache_images: images whose proposals and crop embeddings are kept in memory.
+    """
+
+    max_upload_bytes: int = 20 * MB
+    max_pixels: int = 25_000_000
+    timeout_s: float = 120.0
+    max_queries: int = 16
+    max_query_chars: int = 300
+    cache_images: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1 or self.max_pixels < 1:
+            raise BicmError("the upload and pixel limits must be positive")
+        if not self.timeout_s > 0:
+            raise BicmError("the request timeout must be positive")
+        if self.max_queries < 1 or self.max_query_chars < 1 or self.cache_images < 1:
+            raise BicmError("the phrase limits and the cache size must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_pixels": self.max_pixels,
+            "timeout_s": self.timeout_s,
+            "max_queries": self.max_queries,
+            "max_query_chars": self.max_query_chars,
+        }
+
+
+class DemoError(BicmError):
+    """A request the demo refuses, with the HTTP status to answer it with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled image the page can pick by ``name`` (never by path)."""
+
+    name: str
+    path: Path
+    queries: tuple[str, ...]
+    description: str = ""
+
+
+def bundled_examples() -> dict[str, Example]:
+    """The examples that ship with bicm, by name."""
+    from .shapes.examples import example_image, example_queries
+
+    shapes = Example(
+        "shapes",
+        example_image(),
+        tuple(example_queries()),
+        "a scene of the shapes world (what the shipped shapes CLIP was trained on)",
+    )
+    return {shapes.name: shapes}
+
+
+# ----------------------------------------------------------------------------------------
+class MemoryFeatureCache:
+    """An in-memory stand-in for :class:`~bicm.cache.FeatureCache`: the last few images.
+
+    The :class:`~bicm.encoder.Encoder` looks up proposals (``props|<source>|<image>``) and
+    crop embeddings (``crop|...|<image>|<box>``) by key; this cache groups those entries by
+    their image digest and keeps the ``images`` most recently used images (LRU), so memory
+    stays bounded however many images a server sees. Text embeddings are kept apart, for the
+    last ``texts`` phrases.
+
+    Parameters
+    ----------
+    images: how many images to keep.
+    texts: how many text embeddings to keep.
+    """
+
+    def __init__(self, images: int = 8, texts: int = 4096) -> None:
+        from .cache import CacheStats
+
+        self.max_images = int(images)
+        self.max_texts = int(texts)
+        self.stats = CacheStats()
+        self._images: "OrderedDict[str, dict[str, Entry]]" = OrderedDict()
+        self._texts: "OrderedDict[str, Entry]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def image_of(key: str) -> Optional[str]:
+        """The image digest a key belongs to, or ``None`` for keys of no image (text)."""
+        parts = key.split("|")
+        if parts[0] == "props" and len(parts) >= 3:
+            return parts[-1]
+        if parts[0] == "crop" and len(parts) >= 5:
+            return parts[-2]
+        return None
+
+    def has_image(self, digest: str) -> bool:
+        """Whether anything of the image ``digest`` is cached."""
+        with self._lock:
+            return digest in self._images
+
+    def get_many(self, keys: Iterable[str]) -> "dict[str, Entry]":
+        found: "dict[str, Entry]" = {}
+        with self._lock:
+            for key in keys:
+                digest = self.image_of(key)
+                if digest is None:
+                    hit = self._texts.get(key)
+                    if hit is not None:
+                        self._texts.move_to_end(key)
+                else:
+                    group = self._images.get(digest)
+                    hit = None if group is None else group.get(key)
+                    if group is not None:
+                        self._images.move_to_end(digest)
+                if hit is None:
+                    self.stats.misses += 1
+                else:
+                    self.stats.hits += 1
+                    found[key] = hit
+        return found
+
+    def put_many(self, items: "Mapping[str, Entry]") -> None:
+        with self._lock:
+            for key, entry in items.items():
+                digest = self.image_of(key)
+                if digest is None:
+                    self._texts[key] = entry
+                    self._texts.move_to_end(key)
+                else:
+                    self._images.setdefault(digest, {})[key] = entry
+                    self._images.move_to_end(digest)
+                self.stats.writes += 1
+            while len(self._images) > self.max_images:
+                self._images.popitem(last=False)
+            while len(self._texts) > self.max_texts:
+                self._texts.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._texts) + sum(len(g) for g in self._images.values())
+
+    def close(self) -> None:
+        """Nothing to release (the same interface as the disk cache)."""
+
+
+# ----------------------------------------------------------------------------------------
+@dataclass
+class _Timing:
+    start: float = field(default_factory=time.perf_counter)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.marks[name] = round(now - since, 4)
+        return now
+
+
+class DemoService:
+    """What the page asks for, without HTTP: decode, ground, draw, serialise.
+
+    Parameters
+    ----------
+    grounder: a :class:`~bicm.api.Grounder` (its namer, if any, names the proposals). The
+        service gives it a :class:`MemoryFeatureCache`.
+    model_name: shown on the page.
+    limits: :class:`ServeLimits`.
+    top_n, ss_mode: selective-search options (as ``bicm ground``).
+    examples: bundled images by name (default :func:`bundled_examples`).
+    """
+
+    def __init__(
+        self,
+        grounder: "Grounder",
+        *,
+        model_name: str = "",
+        limits: Optional[ServeLimits] = None,
+        top_n: int = 100,
+        ss_mode: str = "fast",
+        examples: Optional[Mapping[str, Example]] = None,
+    ) -> None:
+        from .api import Grounder
+        from .proposals.selective import SelectiveSearch
+
+        self.limits = limits or ServeLimits()
+        self.cache = MemoryFeatureCache(images=self.limits.cache_images)
+        self.grounder = Grounder(
+            grounder.backbone, grounder.config, class_names=grounder.class_names, namer=grounder.namer, cache=self.cache
+        )
+        self.model_name = model_name or grounder.backbone.name
+        self.sources: dict[str, Optional["ProposalSource"]] = {
+            "selective-search": SelectiveSearch(mode=ss_mode, top_n=top_n),
+            "none": None,
+        }
+        self.examples = dict(bundled_examples() if examples is None else examples)
+        self.cpu_lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bicm-serve")
+        self.grounder.backbone.fingerprint()  # hashes the weights once, now rather than in the first request
+
+    # -- what the page needs to draw its form ---------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Model, choices and limits, for the page's form."""
+        from .api import COMPONENTS
+
+        namer = self.grounder.namer
+        return {
+            "model": self.model_name,
+            "components": list(COMPONENTS),
+            "default_components": list(self.grounder.config.components),
+            "proposal_sources": list(PROPOSAL_CHOICES),
+            "naming": None if namer is None else namer.vocabulary.name,
+            "examples": [
+                {"name": e.name, "queries": list(e.queries), "description": e.description, "url": f"/api/examples/{e.name}.png"}
+                for e in self.examples.values()
+            ],
+            "limits": self.limits.to_dict(),
+        }
+
+    def example(self, name: str) -> Example:
+        """The bundled example ``name``; only names of the fixed table are accepted."""
+        found = self.examples.get(name) if isinstance(name, str) else None
+        if found is None:
+            known = ", ".join(sorted(self.examples)) or "none"
+            raise DemoError(f"unknown example {str(name)[:40]!r}; the examples are: {known}", 404)
+        return found
+
+    # -- inputs ---------------------------------------------------------------------------
+    def decode_upload(self, data: bytes, filename: str = "") -> "Image.Image":
+        """The uploaded bytes as an RGB image, within the byte and pixel limits."""
+        from .imageio import load_image
+
+        shown = _display_name(filename)
+        if len(data) > self.limits.max_upload_bytes:
+            raise DemoError(
+                f"{shown} is {len(data) / MB:.1f} MB; this server accepts images up to {self.limits.max_upload_bytes / MB:g} MB",
+                413,
+            )
+        if not data:
+            raise DemoError(f"{shown} is empty")
+        with tempfile.TemporaryDirectory(prefix="bicm-serve-") as folder:
+            path = Path(folder) / ("upload" + _safe_suffix(filename))
+            path.write_bytes(data)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", BicmWarning)
+                    return load_image(path, max_pixels=self.limits.max_pixels)
+            except BicmError as exc:
+                message = str(exc).replace(f"image {path}", shown).replace(str(path), shown)
+                message = message.split("; raise it with")[0]
+                raise DemoError(message, 413 if "more than the limit" in message else 400) from None
+
+    def parse_queries(self, text: str) -> list[str]:
+        """One phrase per non-blank line, within the limits."""
+        queries = [" ".join(line.split()) for line in (text or "").splitlines()]
+        queries = [q for q in queries if q]
+        if not queries:
+            raise DemoError("type at least one phrase (one per line)")
+        if len(queries) > self.limits.max_queries:
+            raise DemoError(f"{len(queries)} phrases; this server takes at most {self.limits.max_queries} per request")
+        long = [q for q in queries if len(q) > self.limits.max_query_chars]
+        if long:
+            raise DemoError(f"a phrase is longer than {self.limits.max_query_chars} characters: {long[0][:40]!r}...")
+        return queries
+
+    def parse_components(self, value: str | Sequence[str]) -> tuple[str, ...]:
+        """Components from ``"qam,com,sf"`` (or a list); validated by :class:`~bicm.api.BiCMConfig`."""
+        from .api import COMPONENTS
+
+        items = value.split(",") if isinstance(value, str) else list(value)
+        comps = tuple(dict.fromkeys(c.strip().lower() for c in items if c and c.strip()))
+        if not comps:
+            raise DemoError("choose at least one component")
+        unknown = [c for c in comps if c not in COMPONENTS]
+        if unknown:
+            raise DemoError(f"unknown component {unknown[0][:20]!r}; choose from {', '.join(COMPONENTS)}")
+        return comps
+
+    # -- the work -------------------------------------------------------------------------
+    def ground(
+        self,
+        image: "Image.Image",
+        queries: Sequence[str],
+        *,
+        proposals: str = "selective-search",
+        components: Sequence[str] = ("qam", "com", "sf"),
+        image_name: str = "",
+        deadline: Optional[float] = None,
+    ) -> dict[str, Any]:
+        """Ground ``queries`` in ``image`` and build the page's answer (JSON-ready).
+
+        Waits for the CPU lock until ``deadline`` (``time.monotonic()``; default: the
+        limits' timeout from now) and answers 503 when it passes first.
+
+        Returns
+        -------
+        ``{"image": {...}, "results": [{"result": to_dict(), "top": [...], "picture":
+        "data:image/png;base64,..."}], "timing": {...}, "cache": {...}, "warnings": [...]}``
+        """
+        from .imageio import image_digest
+        from .viz import render_visualization
+
+        if proposals not in self.sources:
+            raise DemoError(f"unknown proposal source {str(proposals)[:40]!r}; choose from {', '.join(PROPOSAL_CHOICES)}")
+        timing = _Timing()
+        grounder = self.grounder.with_config(components=tuple(components))
+        deadline = time.monotonic() + self.limits.timeout_s if deadline is None else deadline
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not self.cpu_lock.acquire(timeout=wait):
+            raise DemoError("the server is busy with other requests; try again in a moment", 503)
+        try:
+            now = timing.mark("wait_s", timing.start)
+            digest = image_digest(image)
+            seen = self.cache.has_image(digest)
+            hits_before = self.cache.stats.hits
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", BicmWarning)
+                results = grounder.ground_many(image, list(queries), self.sources[proposals])
+            now = timing.mark("ground_s", now)
+            pictures = [render_visualization(image, [r]) for r in results]
+            timing.mark("render_s", now)
+        finally:
+            self.cpu_lock.release()
+        timing.marks["total_s"] = round(time.perf_counter() - timing.start, 4)
+        messages = sorted({str(w.message) for w in caught if issubclass(w.category, BicmWarning)})
+        return _json_safe(
+            {
+                "image": {"name": image_name, "width": image.width, "height": image.height, "digest": digest},
+                "model": self.model_name,
+                "proposals": proposals,
+                "components": list(grounder.config.components),
+                "results": [
+                    {"result": r.to_dict(), "top": _top(r), "picture": "data:image/png;base64," + base64.b64encode(p).decode()}
+                    for r, p in zip(results, pictures)
+                ],
+                "timing": timing.marks,
+                "cache": {"image_seen_before": seen, "hits": self.cache.stats.hits - hits_before},
+                "warnings": messages,
+            }
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _top(result: "GroundingResult", k: int = TOP_CANDIDATES) -> list[int]:
+    """Indices of the ``k`` best candidates by fused score, the chosen ones first."""
+    fused = result.candidates.fused
+    if fused.numel() == 0:
+        return []
+    order = [int(i) for i in fused.argsort(descending=True).tolist()]
+    chosen = [i for i in order if i in result.selected]
+    return (chosen + [i for i in order if i not in result.selected])[:k]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become ``None`` (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _display_name(filename: str) -> str:
+    """The client's file name, for messages: base name only, printable, short."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch for ch in base if ch.isprintable())[:60]
+    return f"the file {base!r}" if base else "the uploaded file"
+
+
+def _safe_suffix(filename: str) -> str:
+    """The extension of the client's file name if harmless (``.png``), else nothing."""
+    suffix = Path((filename or "").replace("\\", "/").rsplit("/", 1)[-1]).suffix.lower()
+    return suffix if 1 < len(suffix) <= 6 and suffix[1:].isalnum() else ""
+
+
+def static_file(name: str) -> bytes:
+    """A file of ``bicm/static`` (the page)."""
+    return resources.files("bicm").joinpath("static", name).read_bytes()
+
+
+# ----------------------------------------------------------------------------------------
+def require_web() -> None:
+    """Raise :class:`BicmError` with the install command when the web packages are missing."""
+    missing = [pip for module, pip in WEB_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise BicmError(f"bicm serve needs {', '.join(missing)}: pip install \"bicm[serve]\"")
+
+
+def create_app(service: DemoService):
+    """The ASGI app (starlette) around ``service``.
+
+    Routes: ``GET /`` the page, ``GET /api/info``, ``GET /api/examples/{name}.png``,
+    ``POST /api/ground`` (multipart: ``image`` file or ``example`` name, ``queries``,
+    ``proposals``, ``components``). Every error is JSON ``{"error": "..."}``.
+    """
+    require_web()
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    limits = service.limits
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    page_headers = {
+        **headers,
+        "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    }
+
+    def error(message: str, status: int) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def page(request: Request) -> Response:
+        return Response(static_file("index.html"), media_type="text/html; charset=utf-8", headers=page_headers)
+
+    async def info(request: Request) -> Response:
+        return JSONResponse(service.info(), headers=headers)
+
+    async def example_image(request: Request) -> Response:
+        try:
+            found = service.example(request.path_params["name"])
+        except DemoError as exc:
+            return error(str(exc), exc.status)
+        return Response(found.path.read_bytes(), media_type="image/png", headers=headers)
+
+    async def ground(request: Request) -> Response:
+        length = request.headers.get("content-length", "")
+        allowed = limits.max_upload_bytes + FORM_OVERHEAD
+        if length.isdigit() and int(length) > allowed:
+            return error(f"the request is {int(length) / MB:.1f} MB; this server accepts images up to {limits.max_upload_bytes / MB:g} MB", 413)
+        capped = Request(request.scope, _capped_receive(request.receive, allowed, HTTPException))
+        try:
+            form = await capped.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+        except MultiPartException as exc:
+            return error(f"malformed form: {exc}", 400)
+        except HTTPException as exc:
+            return error(str(exc.detail), exc.status_code)
+        except (AssertionError, KeyError, ValueError):
+            return error("send the fields as multipart/form-data", 400)
+        deadline = time.monotonic() + limits.timeout_s
+        try:
+            upload = form.get("image")
+            example_name = form.get("example")
+            if upload is not None and not isinstance(upload, str):
+                data = await upload.read()
+                await form.close()
+                image_name = str(upload.filename or "upload")
+                image = await asyncio.get_running_loop().run_in_executor(None, service.decode_upload, data, image_name)
+            elif isinstance(example_name, str) and example_name:
+                found = service.example(example_name)
+                image_name = f"example:{found.name}"
+                image = await asyncio.get_running_loop().run_in_executor(None, _load_example, found)
+            else:
+                raise DemoError("choose an image to upload or a bundled example")
+            queries = service.parse_queries(_text(form.get("queries")))
+            components = service.parse_components(_text(form.get("components")) or "qam,com,sf")
+            proposals = _text(form.get("proposals")) or "selective-search"
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(
+                service.executor,
+                lambda: service.ground(
+                    image, queries, proposals=proposals, components=components, image_name=image_name, deadline=deadline
+                ),
+            )
+            # the worker gives up waiting for the CPU at the deadline (503); a computation that
+            # runs past it cannot be interrupted, so the client gets 504 while it finishes (its
+            # image features are then cached, and a retry is quick)
+            remaining = max(deadline - time.monotonic(), 0.0) + LOCK_GRACE_S
+            payload = await asyncio.wait_for(work, timeout=remaining)
+        except asyncio.TimeoutError:
+            return error(
+                f"no answer within {limits.timeout_s:g} s (a large image, or a busy server); "
+                "the image's features are kept when the work finishes, so a retry may be quick",
+                504,
+            )
+        except DemoError as exc:
+            return error(str(exc), exc.status)
+        except BicmError as exc:  # what the method refuses (e.g. SF without QAM, COM without proposals)
+            return error(str(exc), 400)
+        return JSONResponse(payload, headers=headers)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", "") or "error"
+        return error(str(detail) if status != 404 else f"not found: {request.url.path[:80]}", status)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error(f"internal error ({type(exc).__name__}); see the server's log", 500)
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/api/info", info, methods=["GET"]),
+        Route("/api/examples/{name}.png", example_image, methods=["GET"]),
+        Route("/api/ground", ground, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.service = service
+    return app
+
+
+def _load_example(example: Example) -> "Image.Image":
+    from .imageio import load_image
+
+    return load_image(example.path)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _capped_receive(receive, limit: int, http_exception):
+    """An ASGI ``receive`` that refuses (HTTP 413) a body longer than ``limit`` bytes."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message.get("type") == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise http_exception(413, f"the request is larger than this server accepts ({limit / MB:.1f} MB)")
+        return message
+
+    return wrapped
+
+
+def run_server(
+    service: DemoService,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    log_level: str = "warning",
+) -> None:
+    """Serve the page with uvicorn until interrupted."""
+    require_web()
+    import uvicorn
+
+    app = create_app(service)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        service.close()
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Refuse an address that cannot be bound, with one line instead of a traceback."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise BicmError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
+def start_service(
+    *,
+    model: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    checkpoint: Optional[Path] = None,
+    quick_gelu: Optional[bool] = None,
+    device: str = "auto",
+    amp: Optional[str] = None,
+    name_with: Optional[str] = None,
+    name_template: str = "a photo of a {}.",
+    top_n: int = 100,
+    ss_mode: str = "fast",
+    limits: Optional[ServeLimits] = None,
+) -> DemoService:
+    """Load the model the way ``bicm ground`` does and build the :class:`DemoService`.
+
+    Without ``model``, ``pretrained`` or ``checkpoint`` it loads the shipped ``shapes`` CLIP
+    (offline). With the shipped ``shapes`` model and no ``name_with``, proposals are named over the
+    shapes world's vocabulary, exactly as ``bicm demo`` does, so COM can use class names.
+    """
+    from .api import Grounder
+    from .backbone import SHAPES_MODEL
+    from .proposals.naming import ClipNamer
+
+    require_web()
+    if model is None and pretrained is None and checkpoint is None:
+        model = SHAPES_MODEL
+    grounder = Grounder.from_pretrained(model, pretrained, checkpoint=checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
+    if name_with is None and model == SHAPES_MODEL and checkpoint is None and pretrained is None:
+        name_with = "shapes"
+    if name_with is not None:
+        grounder.namer = ClipNamer(grounder.backbone, name_with, name_template, encode_text=grounder.encoder.text)
+    return DemoService(grounder, model_name=grounder.backbone.name, limits=limits, top_n=top_n, ss_mode=ss_mode)
+
+
+def serve_command(host: str, port: int, **options: Any) -> None:
+    """What ``bicm serve`` does: check the address, load, say where, serve."""
+    import sys
+
+    require_web()
+    _check_bind(host, port)
+    service = start_service(**options)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"bicm: serving {service.model_name} on http://{shown}:{port}/ (Ctrl+C to stop)", file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"bicm: warning: listening on {host}: anyone who can reach this machine can use the demo", file=sys.stderr)
+    run_server(service, host, port)
