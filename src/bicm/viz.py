@@ -47,10 +47,11 @@ def render_visualization(
     dpi: int = 110,
     format: str = "png",
 ) -> bytes:
-    """The picture of :func:`save_visualization`, as the bytes of a ``format`` file (in memory)."""
+    """The picture of :func:`save_visualization`, as the bytes of a ``format`` file (in memory),
+    trimmed to the drawn panels."""
     fig = _figure(image, results, max_candidates)
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format=format)
+    fig.savefig(buffer, dpi=dpi, format=format, bbox_inches="tight", pad_inches=0.05)
     return buffer.getvalue()
 
 
