@@ -161,6 +161,34 @@ def test_second_request_reuses_the_image_features(tiny_backbone, monkeypatch):
     service.close()
 
 
+def test_kam_is_offered_only_with_a_kam_model(tiny_backbone, client):
+    from bicm.kam import KamConfig, KamMLP, KamModel
+
+    refused = ground(client, components="qam,com,sf,kam")
+    assert refused.status_code == 400 and "--kam" in refused.json()["error"]
+    assert "kam" not in client.get("/api/info").json()["components"]
+
+    torch.manual_seed(0)
+    kam = KamModel(KamMLP(tiny_backbone.embed_dim, 16).eval(), KamConfig(hidden=16), tiny_backbone.fingerprint(), tiny_backbone.name)
+    example = Example("shapes", example_image(), tuple(example_queries()))
+    service = DemoService(Grounder(tiny_backbone, kam=kam), limits=ServeLimits(), top_n=30, examples={"shapes": example})
+    with TestClient(create_app(service)) as kam_client:
+        info = kam_client.get("/api/info").json()
+        assert info["components"] == ["qam", "com", "sf", "kam"] and "kam" in info["default_components"]
+        first = ground(kam_client, components="qam,com,sf,kam")
+        assert first.status_code == 200, first.text
+        result = first.json()["results"][0]["result"]
+        assert result["components"] == ["qam", "com", "sf", "kam"]
+        assert all(c["s_kam"] is not None for c in result["candidates"])
+        expected = Grounder(tiny_backbone, kam=kam).ground(example_image(), "the red square", _source())
+        assert result["box"] == expected.to_dict()["box"]
+        again = ground(kam_client, "the large star", components="qam,com,sf,kam").json()
+        assert again["cache"]["image_seen_before"] and again["cache"]["hits"] > 0
+        without = ground(kam_client, components="qam,com,sf").json()["results"][0]["result"]
+        assert all(c["s_kam"] is None for c in without["candidates"])
+    service.close()
+
+
 def test_memory_cache_keeps_the_last_images():
     cache = MemoryFeatureCache(images=2, texts=2)
     entry = ({"f": torch.zeros(2)}, {})
@@ -173,6 +201,7 @@ def test_memory_cache_keeps_the_last_images():
     cache.put_many({f"text|m|{t}": entry for t in ("a", "b", "c")})
     assert set(cache.get_many(["text|m|a", "text|m|b", "text|m|c"])) == {"text|m|b", "text|m|c"}
     assert MemoryFeatureCache.image_of("text|m|a|b") is None
+    assert MemoryFeatureCache.image_of("image|m|224x224,shortest|eee") == "eee"
 
 
 def test_json_safe_turns_nan_into_null():
@@ -230,7 +259,8 @@ def test_method_refusals_are_readable(client):
     cases = {
         "detections file": dict(proposals="dets.json"),
         "SF without QAM": dict(components="com,sf"),
-        "unknown component": dict(components="qam,kam"),
+        "unknown component": dict(components="qam,xyz"),
+        "KAM without a model": dict(components="qam,com,kam"),
         "no component": dict(components=" , "),
         "COM without proposals": dict(components="com", proposals="none"),
         "no phrase": dict(queries=" \n \n"),

@@ -730,6 +730,7 @@ def serve(
         None, help="Name proposals by CLIP over vg1600, coco80 or a text file [default: shapes with the shapes model]."
     ),
     name_template: str = NAME_TEMPLATE_OPT,
+    kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': the page offers KAM (on by default)."),
     top_n: int = TOP_N_OPT,
     ss_mode: SsModeOpt = SS_MODE_OPT,
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload (MB)."),
@@ -757,6 +758,7 @@ def serve(
         amp=amp,
         name_with=name_with,
         name_template=name_template,
+        kam=kam,
         top_n=top_n,
         ss_mode=ss_mode,
         limits=limits,

@@ -159,8 +159,9 @@ def bundled_examples() -> dict[str, Example]:
 class MemoryFeatureCache:
     """An in-memory stand-in for :class:`~bicm.cache.FeatureCache`: the last few images.
 
-    The :class:`~bicm.encoder.Encoder` looks up proposals (``props|<source>|<image>``) and
-    crop embeddings (``crop|...|<image>|<box>``) by key; this cache groups those entries by
+    The :class:`~bicm.encoder.Encoder` looks up proposals (``props|<source>|<image>``),
+    crop embeddings (``crop|...|<image>|<box>``) and whole-image embeddings
+    (``image|...|<image>``, for KAM) by key; this cache groups those entries by
     their image digest and keeps the ``images`` most recently used images (LRU), so memory
     stays bounded however many images a server sees. Text embeddings are kept apart, for the
     last ``texts`` phrases.
@@ -185,7 +186,7 @@ class MemoryFeatureCache:
     def image_of(key: str) -> Optional[str]:
         """The image digest a key belongs to, or ``None`` for keys of no image (text)."""
         parts = key.split("|")
-        if parts[0] == "props" and len(parts) >= 3:
+        if parts[0] in ("props", "image") and len(parts) >= 3:
             return parts[-1]
         if parts[0] == "crop" and len(parts) >= 5:
             return parts[-2]
@@ -258,8 +259,9 @@ class DemoService:
 
     Parameters
     ----------
-    grounder: a :class:`~bicm.api.Grounder` (its namer, if any, names the proposals). The
-        service gives it a :class:`MemoryFeatureCache`.
+    grounder: a :class:`~bicm.api.Grounder` (its namer, if any, names the proposals; its KAM
+        model, if any, makes ``"kam"`` a component the page offers). The service gives it a
+        :class:`MemoryFeatureCache`.
     model_name: shown on the page.
     limits: :class:`ServeLimits`.
     top_n, ss_mode: selective-search options (as ``bicm ground``).
@@ -282,7 +284,12 @@ class DemoService:
         self.limits = limits or ServeLimits()
         self.cache = MemoryFeatureCache(images=self.limits.cache_images)
         self.grounder = Grounder(
-            grounder.backbone, grounder.config, class_names=grounder.class_names, namer=grounder.namer, cache=self.cache
+            grounder.backbone,
+            grounder.config,
+            class_names=grounder.class_names,
+            namer=grounder.namer,
+            cache=self.cache,
+            kam=grounder.kam,
         )
         self.model_name = model_name or grounder.backbone.name
         self.sources: dict[str, Optional["ProposalSource"]] = {
@@ -295,14 +302,19 @@ class DemoService:
         self.grounder.backbone.fingerprint()  # hashes the weights once, now rather than in the first request
 
     # -- what the page needs to draw its form ---------------------------------------------
-    def info(self) -> dict[str, Any]:
-        """Model, choices and limits, for the page's form."""
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components the page offers: QAM, COM, SF, and KAM when the Grounder has a model."""
         from .api import COMPONENTS
 
+        return COMPONENTS + (("kam",) if self.grounder.kam is not None else ())
+
+    def info(self) -> dict[str, Any]:
+        """Model, choices and limits, for the page's form."""
         namer = self.grounder.namer
         return {
             "model": self.model_name,
-            "components": list(COMPONENTS),
+            "components": list(self.components),
             "default_components": list(self.grounder.config.components),
             "proposal_sources": list(PROPOSAL_CHOICES),
             "naming": None if namer is None else namer.vocabulary.name,
@@ -361,15 +373,15 @@ class DemoService:
 
     def parse_components(self, value: str | Sequence[str]) -> tuple[str, ...]:
         """Components from ``"qam,com,sf"`` (or a list); validated by :class:`~bicm.api.BiCMConfig`."""
-        from .api import COMPONENTS
-
         items = value.split(",") if isinstance(value, str) else list(value)
         comps = tuple(dict.fromkeys(c.strip().lower() for c in items if c and c.strip()))
         if not comps:
             raise DemoError("choose at least one component")
-        unknown = [c for c in comps if c not in COMPONENTS]
+        if "kam" in comps and "kam" not in self.components:
+            raise DemoError("KAM needs a trained KAM model: this server was started without --kam")
+        unknown = [c for c in comps if c not in self.components]
         if unknown:
-            raise DemoError(f"unknown component {unknown[0][:20]!r}; choose from {', '.join(COMPONENTS)}")
+            raise DemoError(f"unknown component {unknown[0][:20]!r}; choose from {', '.join(self.components)}")
         return comps
 
     # -- the work -------------------------------------------------------------------------
@@ -667,6 +679,7 @@ def start_service(
     amp: Optional[str] = None,
     name_with: Optional[str] = None,
     name_template: str = "a photo of a {}.",
+    kam: Optional[Path] = None,
     top_n: int = 100,
     ss_mode: str = "fast",
     limits: Optional[ServeLimits] = None,
@@ -674,7 +687,8 @@ def start_service(
     """Load the model the way ``bicm ground`` does and build the :class:`DemoService`.
 
     Without ``model``, ``pretrained`` or ``checkpoint`` it loads the shipped ``shapes`` CLIP
-    (offline). With the shipped ``shapes`` model and no ``name_with``, proposals are named over the
+    (offline). ``kam`` (a ``bicm train-kam`` model of this backbone) adds KAM to the
+    components, on by default. With the shipped ``shapes`` model and no ``name_with``, proposals are named over the
     shapes world's vocabulary, exactly as ``bicm demo`` does, so COM can use class names.
     """
     from .api import Grounder
@@ -684,7 +698,9 @@ def start_service(
     require_web()
     if model is None and pretrained is None and checkpoint is None:
         model = SHAPES_MODEL
-    grounder = Grounder.from_pretrained(model, pretrained, checkpoint=checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
+    grounder = Grounder.from_pretrained(
+        model, pretrained, checkpoint=checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, kam=kam
+    )
     if name_with is None and model == SHAPES_MODEL and checkpoint is None and pretrained is None:
         name_with = "shapes"
     if name_with is not None:
