@@ -191,3 +191,44 @@ def test_kam_model_file_loads_into_the_grounder(tmp_path, tiny_backbone, kam_for
     assert r.candidates.s_kam is not None
     meta = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["bicm_kam"])
     assert meta["backbone_id"] == tiny_backbone.fingerprint() and meta["config"]["hidden"] == 16
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    from bicm.interrupt import Interrupted
+
+    pairs = _synthetic_pairs(60, 0)
+    cfg = KamConfig(hidden=16, epochs=6, lr=5e-3, batch_pairs=16, seed=1)
+    straight, straight_history = train_kam(pairs, cfg, use_names=False)
+    state = tmp_path / "kam.state.pt"
+
+    def stop_at_three(epoch, record):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="after epoch 3 of 6"):
+        train_kam(pairs, cfg, use_names=False, on_epoch=stop_at_three, state=state)
+    assert state.is_file()
+    resumed_at: list[int] = []
+    mlp, history = train_kam(pairs, cfg, use_names=False, state=state, on_resume=resumed_at.append)
+    assert resumed_at == [3] and not state.exists()
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert [h["loss"] for h in history] == [h["loss"] for h in straight_history]
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, mlp.state_dict()[name]), name
+
+
+def test_a_training_state_of_other_labels_or_settings_is_refused(tmp_path):
+    from bicm.interrupt import Interrupted
+
+    pairs = _synthetic_pairs(40, 0)
+    cfg = KamConfig(hidden=16, epochs=4, lr=5e-3, batch_pairs=16)
+    state = tmp_path / "kam.state.pt"
+    with pytest.raises(Interrupted):
+        train_kam(pairs, cfg, use_names=False, state=state, on_epoch=lambda e, r: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(BicmError, match=r"other settings \(lr\)"):
+        train_kam(pairs, KamConfig(hidden=16, epochs=4, lr=1e-3, batch_pairs=16), use_names=False, state=state)
+    with pytest.raises(BicmError, match=r"other settings \(pairs\)"):
+        train_kam(_synthetic_pairs(40, 5), cfg, use_names=False, state=state)
+    state.write_bytes(b"not a state")
+    with pytest.raises(BicmError, match="cannot read the training state"):
+        train_kam(pairs, cfg, use_names=False, state=state)

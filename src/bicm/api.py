@@ -11,6 +11,7 @@ adds ``lambda_k * S_KAM`` to the fused score (Eq. 11).
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -28,13 +29,17 @@ from .imageio import ImageSource, image_digest, load_image
 from .kam import KamModel
 from .proposals import Proposals
 from .proposals.naming import ClipNamer
-from .proposals.sources import ProposalSource
+from .proposals.sources import FileSource, OracleSource, ProposalSource
 from .qam import AttentionMaps, MapKind, RegionRule, compute_maps, threshold_box
 
 __all__ = ["BiCMConfig", "Candidates", "GroundingResult", "Grounder", "ImageFeatures", "COMPONENTS", "ALL_COMPONENTS"]
 
 COMPONENTS: tuple[str, ...] = ("qam", "com", "sf")
 ALL_COMPONENTS: tuple[str, ...] = COMPONENTS + ("kam",)
+
+#: Default working-size limit (pixels) and proposal cap; see :class:`BiCMConfig`.
+DEFAULT_WORK_PIXELS = 16_000_000
+DEFAULT_MAX_PROPOSALS = 1000
 
 Box = tuple[float, float, float, float]
 ProposalsLike = Union[Proposals, torch.Tensor, Sequence[Sequence[float]], None]
@@ -62,6 +67,14 @@ class BiCMConfig:
     min_box_size: boxes narrower or shorter than this (pixels, after clipping) are dropped.
     qam_resize, crop_resize: override the model's resize mode (``"shortest"`` + center
         crop, ``"squash"``, ``"longest"`` + pad) for the whole-image view and for crops.
+    max_pixels: images with more pixels are downscaled (with a warning) to this many before
+        any work; boxes still come back in ORIGINAL image pixels (maps are at the working
+        size). 16 MP keeps 12-MP phone photos and every benchmark image as they are and
+        bounds the per-query maps (raw + normalised float32, float64 integral image) to
+        about 0.25 GB. ``None``: no limit.
+    max_proposals: more proposals than this are cut (with a warning) to the highest-scoring
+        ones (the first ones when they have no scores), in their original order. ``None``:
+        no limit.
     """
 
     components: tuple[str, ...] = COMPONENTS
@@ -78,6 +91,8 @@ class BiCMConfig:
     min_box_size: float = 1.0
     qam_resize: Optional[str] = None
     crop_resize: Optional[str] = None
+    max_pixels: Optional[int] = DEFAULT_WORK_PIXELS
+    max_proposals: Optional[int] = DEFAULT_MAX_PROPOSALS
 
     def __post_init__(self) -> None:
         comps = tuple(dict.fromkeys(str(c).strip().lower() for c in self.components if str(c).strip()))
@@ -103,6 +118,10 @@ class BiCMConfig:
             raise BicmError(f"thr_a must be within [0, 1], got {self.thr_a}")
         if self.crop_batch_size < 1:
             raise BicmError("crop batch size must be at least 1")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise BicmError(f"max_pixels must be at least 1 (or None for no limit), got {self.max_pixels}")
+        if self.max_proposals is not None and self.max_proposals < 1:
+            raise BicmError(f"max_proposals must be at least 1 (or None for no limit), got {self.max_proposals}")
         if self.class_prompt.count("{}") != 1:
             raise BicmError(f"class prompt must contain exactly one {{}}, got {self.class_prompt!r}")
 
@@ -163,7 +182,8 @@ class GroundingResult:
     score: fused score of the chosen candidate (the highest among a union).
     selected: indices into ``candidates`` that make ``box``.
     candidates: every candidate with its component scores.
-    attention_raw: ``(H, W)`` map on its own scale, or ``None`` without QAM.
+    attention_raw: ``(H, W)`` map on its own scale, or ``None`` without QAM. ``(H, W)`` is the
+        image's size, or its working size when it was downscaled (``BiCMConfig.max_pixels``).
     attention: ``(H, W)`` min-max normalised map, or ``None``.
     qam_box: ``P_t`` or ``None``.
     s_iq: whole-image / query cosine similarity (QAM's Eq. 2), or ``None``.
@@ -366,19 +386,26 @@ class Grounder:
         if kinds and self.backbone.vit_problem():
             raise BicmError(self.backbone.vit_problem() or "")
         queries = _check_queries(queries)
-        pil = load_image(image)
-        width, height = pil.size
+        original = load_image(image)
+        width, height = original.size
+        # Work on at most cfg.max_pixels pixels; boxes in and out stay in ORIGINAL pixels.
+        pil, scale = _working_image(original, cfg.max_pixels)
         digest = image_digest(pil)  # the image's identity for the proposal and feature caches (~1 ms)
         if isinstance(proposals, ProposalSource):
             key = image_key or (None if isinstance(image, Image.Image) else str(image))
-            proposals = self.encoder.proposals(proposals, pil, key, digest)
+            if scale != (1.0, 1.0) and not isinstance(proposals, (FileSource, OracleSource)):
+                found = self.encoder.proposals(proposals, pil, key, digest)  # computed on the working image
+                proposals = _scaled(found, scale)
+            else:  # files hold boxes in original pixels
+                proposals = self.encoder.proposals(proposals, pil, key, digest)
         props = _as_proposals(proposals)
         cleaned = props.sanitize(width, height, cfg.min_box_size)
         if cleaned.n_clipped:
             warn(f"{cleaned.n_clipped} proposal box(es) reach outside the {width}x{height} image; clipped")
         if cleaned.n_dropped:
             warn(f"{cleaned.n_dropped} degenerate proposal box(es) dropped (empty, inverted or under {cfg.min_box_size:g} px)")
-        props = cleaned.proposals
+        props = _capped(cleaned.proposals, cfg.max_proposals)
+        work_props = _scaled(props, (1.0 / scale[0], 1.0 / scale[1]))  # the same boxes on the working image
         notes: list[str] = []
         if props.is_oracle:
             notes.append("ORACLE: the proposals are ground-truth boxes (analysis only, not a real result)")
@@ -387,11 +414,12 @@ class Grounder:
         crop_spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
         crop_feats: Optional[torch.Tensor] = None  # (N, E), computed at most once
         if self.namer is not None and (visual or names) and len(props) and not props.fully_named:
-            crop_feats = self.encoder.crops(pil, props.boxes, crop_spec, cfg.crop_batch_size, digest)
-            props = self.namer.name(props, pil, crop_feats)
+            crop_feats = self.encoder.crops(pil, work_props.boxes, crop_spec, cfg.crop_batch_size, digest)
+            named = self.namer.name(work_props, pil, crop_feats)
+            props = props.with_names(named.class_names or [None] * len(props), named.name_scores)
             notes.append(f"proposals named by CLIP over {self.namer.vocabulary.name}")
         if visual and crop_feats is None:
-            crop_feats = self.encoder.crops(pil, props.boxes, crop_spec, cfg.crop_batch_size, digest)
+            crop_feats = self.encoder.crops(pil, work_props.boxes, crop_spec, cfg.crop_batch_size, digest)
         name_feats = None
         if names and props.fully_named and len(props):
             name_feats = self.class_names([c or "" for c in props.class_names or []])
@@ -425,6 +453,7 @@ class Grounder:
             view_box=view_box,
             notes=notes,
             image_feat=image_feat,
+            scale=scale,
         )
 
     def score(self, features: "ImageFeatures", config: Optional[BiCMConfig] = None) -> list[GroundingResult]:
@@ -468,8 +497,10 @@ class Grounder:
 
         text = f.text
         q = len(f.queries)
-        base = props.boxes.to(text.device) if use_props else torch.zeros(0, 4, device=text.device)
+        base = props.boxes.to(text.device) if use_props else torch.zeros(0, 4, device=text.device)  # original pixels
         n = base.shape[0]
+        to_original = torch.tensor([f.scale[0], f.scale[1]] * 2, device=text.device)  # working -> original pixels
+        work_base = base / to_original  # the maps live on the working image
         s_pq = text @ f.crop_feats.T if use_visual and use_props else None  # (Q, N)
         s_cq = text @ f.name_feats.T if use_names else None  # (Q, N)
 
@@ -490,7 +521,7 @@ class Grounder:
         td_table = None
         if maps is not None:
             td_table = integral_image(maps.raw if cfg.td_scale == "raw" else maps.normalized)
-        s_td_props = box_means(td_table, base) if td_table is not None else None  # (Q, N)
+        s_td_props = box_means(td_table, work_base) if td_table is not None else None  # (Q, N)
 
         results = []
         for i, query in enumerate(f.queries):
@@ -503,14 +534,15 @@ class Grounder:
             if qam_boxes[i] is not None:
                 qam_index = boxes.shape[0]
                 qb = torch.tensor([qam_boxes[i]], dtype=torch.float32, device=boxes.device)
-                boxes = torch.cat([boxes, qb])
+                boxes = torch.cat([boxes, qb * to_original])
                 cand_names.append(qam_names[i])
                 pq = None if pq is None else torch.cat([pq, qam_pq[i : i + 1]])
                 cq = None if cq is None else torch.cat([cq, qam_cq[i : i + 1]])
                 if td_table is not None:
                     td = torch.cat([td, box_means(td_table[i : i + 1], qb)[0]])
             if boxes.shape[0] == 0:
-                results.append(_empty_result(query, maps, i, f.view_box, comps, f.image_size, cfg, notes, props.source))
+                view = _scale_box(f.view_box, f.scale)
+                results.append(_empty_result(query, maps, i, view, comps, f.image_size, cfg, notes, props.source))
                 continue
             s_bu = bottom_up(pq, cq) if use_com else None
             kam = None
@@ -542,9 +574,9 @@ class Grounder:
                     candidates=cands,
                     attention_raw=None if maps is None else maps.raw[i].cpu(),
                     attention=None if maps is None else maps.normalized[i].cpu(),
-                    qam_box=qam_boxes[i],
+                    qam_box=_scale_box(qam_boxes[i], f.scale),
                     s_iq=None if maps is None else float(maps.s_iq[i]),
-                    view_box=f.view_box if use_qam else None,
+                    view_box=_scale_box(f.view_box, f.scale) if use_qam else None,
                     components=comps,
                     image_size=f.image_size,
                     selection=cfg.selection,
@@ -603,11 +635,14 @@ class ImageFeatures:
     crop_feats: ``(N, E)`` proposal crop embeddings, or ``None``.
     name_feats: ``(N, E)`` class-name embeddings, or ``None``.
     maps: attention maps by kind (``"qa"``, ``"va"``), each ``(Q, H, W)``.
-    qam_boxes: QAM's box ``P_t`` per query, by kind.
+    qam_boxes: QAM's box ``P_t`` per query, by kind (working-image pixels).
     qam_crop_feats: crop embedding of every distinct QAM box.
-    view_box: the part of the image CLIP's whole-image view covers.
+    view_box: the part of the image CLIP's whole-image view covers (working-image pixels).
     notes: things worth knowing (naming, oracle proposals).
     image_feat: ``(E,)`` whole-image embedding (KAM's ``fi``), or ``None``.
+    scale: ``(sx, sy)``, original pixels per working-image pixel (``(1, 1)`` unless the image
+        was larger than ``max_pixels``). ``proposals`` are in original pixels; maps, QAM boxes
+        and ``view_box`` in working-image pixels; :meth:`Grounder.score` returns original pixels.
     """
 
     queries: list[str]
@@ -622,6 +657,53 @@ class ImageFeatures:
     view_box: Optional[Box]
     notes: list[str]
     image_feat: Optional[torch.Tensor] = None
+    scale: tuple[float, float] = (1.0, 1.0)
+
+
+def _working_image(image: Image.Image, max_pixels: Optional[int]) -> tuple[Image.Image, tuple[float, float]]:
+    """``image`` downscaled to at most ``max_pixels`` pixels (aspect kept), and ``(sx, sy)``:
+    original pixels per working pixel."""
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return image, (1.0, 1.0)
+    factor = (max_pixels / (width * height)) ** 0.5
+    new_w, new_h = max(1, int(width * factor)), max(1, int(height * factor))
+    warn(
+        f"image of {width}x{height} = {width * height:,} pixels downscaled to {new_w}x{new_h} to work on at most "
+        f"{max_pixels:,} pixels (max_pixels / --max-pixels); boxes are in the original pixels"
+    )
+    work = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+    return work, (width / new_w, height / new_h)
+
+
+def _scaled(proposals: Proposals, scale: tuple[float, float]) -> Proposals:
+    """The same proposals with x multiplied by ``scale[0]`` and y by ``scale[1]``."""
+    if scale == (1.0, 1.0):
+        return proposals
+    factor = torch.tensor([scale[0], scale[1]] * 2, dtype=torch.float32)
+    p = proposals
+    return Proposals(p.boxes * factor, p.scores, p.class_names, p.source, dict(p.meta), p.name_scores)
+
+
+def _capped(proposals: Proposals, limit: Optional[int]) -> Proposals:
+    """At most ``limit`` proposals: the highest-scoring (or the first) ones, in their order."""
+    n = len(proposals)
+    if limit is None or n <= limit:
+        return proposals
+    if proposals.scores is not None:
+        order = torch.argsort(proposals.scores, descending=True, stable=True)[:limit]
+        keep, which = order.sort().values, "highest-scoring"
+    else:
+        keep, which = torch.arange(limit), "first"
+    warn(f"{n} proposals are more than max_proposals / --max-proposals = {limit}; kept the {limit} {which}")
+    return proposals.subset(keep)
+
+
+def _scale_box(box: Optional[Box], scale: tuple[float, float]) -> Optional[Box]:
+    if box is None or scale == (1.0, 1.0):
+        return box
+    sx, sy = scale
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def _qam_boxes(maps: AttentionMaps, cfg: BiCMConfig) -> list[Optional[Box]]:
@@ -653,14 +735,20 @@ def _empty_result(query, maps, i, view_box, comps, size, cfg, notes, source) -> 
 
 
 def _check_queries(queries: Iterable[str]) -> list[str]:
+    """Clean the phrases: control characters count as spaces, runs of whitespace become one
+    space, lone surrogates (undecodable bytes of a command line) become U+FFFD. A phrase with
+    nothing visible left is an error."""
     if isinstance(queries, str):
         queries = [queries]
     out = []
     for i, query in enumerate(queries):
         if not isinstance(query, str):
-            raise BicmError(f"query {i + 1} is not text: {query!r}")
-        cleaned = " ".join(query.split())
-        if not cleaned:
+            raise BicmError(f"query {i + 1} is not text: {_short_repr(query)}")
+        cleaned = " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in query).split())
+        if any(unicodedata.category(c) == "Cs" for c in cleaned):
+            cleaned = "".join("\ufffd" if unicodedata.category(c) == "Cs" else c for c in cleaned)
+            warn(f"query {i + 1} held bytes that are not valid text; replaced by U+FFFD")
+        if not any(unicodedata.category(c)[0] not in "CZ" for c in cleaned):
             raise BicmError(f"query {i + 1} is empty")
         out.append(cleaned)
     if not out:
@@ -673,7 +761,20 @@ def _as_proposals(proposals: ProposalsLike) -> Proposals:
         return Proposals.empty()
     if isinstance(proposals, Proposals):
         return proposals
-    return Proposals(torch.as_tensor(proposals, dtype=torch.float32).reshape(-1, 4))
+    try:
+        boxes = torch.as_tensor(proposals, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise BicmError(f"proposals must be (N, 4) numbers (xyxy pixels), got {_short_repr(proposals)}") from None
+    if boxes.numel() == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise BicmError(f"proposal boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+    return Proposals(boxes)
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def config_dict(config: BiCMConfig) -> dict[str, Any]:

@@ -179,7 +179,7 @@ def _resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, i
     longest = 1.0 if spec.resize_mode == "longest" else 0.0
     ratio_h, ratio_w = height / target_h, width / target_w
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-    return round(width / ratio), round(height / ratio)
+    return max(1, round(width / ratio)), max(1, round(height / ratio))  # a 1x5000 image keeps a 1 px side
 
 
 def _crop_offset(size: int, crop: int) -> int:
@@ -208,15 +208,33 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> tuple[torch.Tensor, 
     geometry: where the original pixels went.
     """
     geometry = geometry_for(image.width, image.height, spec)
-    resized = image
-    if (geometry.resized_width, geometry.resized_height) != image.size:
-        resized = image.resize((geometry.resized_width, geometry.resized_height), _INTERPOLATION[spec.interpolation])
     ih, iw = spec.size
+    rw, rh = geometry.resized_width, geometry.resized_height
+    if rw * rh > _FULL_RESIZE_LIMIT * iw * ih:
+        # An extreme aspect ratio (a 1x5000 image or crop becomes 224x1,120,000 pixels, 750 MB,
+        # when its short side is resized): resize only the part that lands on the model's input.
+        # Pillow samples the same positions with the same filter (the 8-bit rounding between its
+        # two passes may differ by a few levels), in constant memory.
+        x0, y0 = max(geometry.left, 0), max(geometry.top, 0)
+        x1, y1 = min(geometry.left + iw, rw), min(geometry.top + ih, rh)
+        region = (x0 / geometry.scale_x, y0 / geometry.scale_y, x1 / geometry.scale_x, y1 / geometry.scale_y)
+        part = image.resize((x1 - x0, y1 - y0), _INTERPOLATION[spec.interpolation], box=region)
+        canvas = Image.new("RGB", (iw, ih), (spec.fill,) * 3)
+        canvas.paste(part, (x0 - geometry.left, y0 - geometry.top))
+        return _to_tensor(canvas, spec), geometry
+    resized = image
+    if (rw, rh) != image.size:
+        resized = image.resize((rw, rh), _INTERPOLATION[spec.interpolation])
     if (geometry.left, geometry.top, iw, ih) != (0, 0, resized.width, resized.height):
         canvas = Image.new("RGB", (iw, ih), (spec.fill,) * 3)
         canvas.paste(resized, (-geometry.left, -geometry.top))
         resized = canvas
     return _to_tensor(resized, spec), geometry
+
+
+#: Above this many times the model's input area (aspect ratios beyond 64:1 under "shortest"),
+#: :func:`preprocess` resizes only the visible part.
+_FULL_RESIZE_LIMIT = 64
 
 
 def _to_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Literal, Optional, TypeVar
 import typer
 
 from .errors import BicmError, BicmWarning
+from .interrupt import resumable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,6 +108,10 @@ NAME_WITH_OPT = typer.Option(None, help="Name unnamed proposals by CLIP zero-sho
 NAME_TEMPLATE_OPT = typer.Option("a photo of a {}.", help="Prompt for each vocabulary name when naming.")
 KAM_OPT = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam' (adds lambda_k * S_KAM, Eq. 11).")
 LAMBDA_K_OPT = typer.Option(1.0, help="Weight of the KAM score S_KAM.")
+MAX_PIXELS_OPT = typer.Option(
+    16_000_000, help="Downscale larger images to this many pixels before the work (boxes stay in original pixels); 0: never."
+)
+MAX_PROPOSALS_OPT = typer.Option(1000, help="Keep at most this many proposals per image (the highest-scoring, else the first); 0: all.")
 
 
 def _source_options(
@@ -175,8 +180,10 @@ def ground(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
     save_vis: Optional[Path] = typer.Option(None, "--save-vis", help="Write a picture: heatmap, candidates and chosen box."),
     max_image_pixels: int = typer.Option(
-        0, help="Refuse larger images (decompression-bomb guard) [default: Pillow's limit, ~89M]."
+        0, help="Refuse larger images outright (decompression-bomb guard) [default: twice Pillow's limit, ~179M]."
     ),
+    max_pixels: int = MAX_PIXELS_OPT,
+    max_proposals: int = MAX_PROPOSALS_OPT,
 ) -> None:
     """Ground phrases in an image: print the box each phrase describes."""
     from .api import BiCMConfig, Grounder
@@ -199,6 +206,8 @@ def ground(
         td_scale=td_scale,
         selection=selection,
         class_prompt=class_prompt,
+        max_pixels=max_pixels or None,
+        max_proposals=max_proposals or None,
     )
     pil = load_image(image, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS)
     props = Proposals.empty()
@@ -239,6 +248,7 @@ def ground(
 
 @app.command("eval")
 @user_errors
+@resumable
 def evaluate_command(
     dataset: str = typer.Option(..., help="flickr, referit, unc, unc+, gref, gref_umd (TransVG files), refcoco, refcoco+, refcocog, refclef (refer API), flickr30k_entities (raw), jsonl."),
     split: str = typer.Option(..., help="test, val, testA, testB, ..."),
@@ -276,6 +286,8 @@ def evaluate_command(
     kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': adds the QAM+COM+SF+KAM row."),
     lambda_k: float = LAMBDA_K_OPT,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    max_pixels: int = MAX_PIXELS_OPT,
+    max_proposals: int = MAX_PROPOSALS_OPT,
 ) -> None:
     """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
     import os
@@ -297,7 +309,10 @@ def evaluate_command(
         raise BicmError(f"dataset {dataset} needs --annotations and --images")
     samples = load_dataset(dataset, split, annotations, image_root=images)
     policy = paper_selection(dataset) if selection == "paper" else selection
-    base = BiCMConfig(thr_a=thr_a, lambda_t=lambda_t, lambda_k=lambda_k, selection=policy)  # type: ignore[arg-type]
+    base = BiCMConfig(
+        thr_a=thr_a, lambda_t=lambda_t, lambda_k=lambda_k, selection=policy,  # type: ignore[arg-type]
+        max_pixels=max_pixels or None, max_proposals=max_proposals or None,
+    )
     rows = ablation_rows(ablation, base, kam=kam is not None)
     feature_cache = None
     if not no_cache:
@@ -354,6 +369,7 @@ def _report(summary: dict, run_dir: Path, summary_json: Optional[Path], feature_
 
 @app.command("train-clip")
 @user_errors
+@resumable
 def train_clip_command(
     out: Path = typer.Option(Path("shapes-clip.safetensors"), "--out", "-o", help="Weights file to write (safetensors); card, curves and history beside it."),
     seed: int = typer.Option(0, help="Seed of the data and the initialisation."),
@@ -363,11 +379,12 @@ def train_clip_command(
     scenes: int = typer.Option(14000, help="Scenes in the image pool."),
     singles: int = typer.Option(14000, help="Single-object images in the pool."),
     threads: int = typer.Option(2, help="CPU threads (and pool-generation processes)."),
+    save_every: int = typer.Option(100, help="Save the resumable training state every N steps (0: only on Ctrl-C)."),
 ) -> None:
     """Train the small shapes-world CLIP (InfoNCE, learnable temperature); writes weights, card and curves."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .shapes.train import TrainConfig, train_clip
+    from .shapes.train import TrainConfig, state_path, train_clip
 
     if steps < 1 or batch_size < 2 or scenes < 1 or singles < 0:
         raise BicmError("steps >= 1, batch size >= 2, scenes >= 1 and singles >= 0 please")
@@ -386,7 +403,11 @@ def train_clip_command(
                 info += f"  retrieval i->t {100 * record['i2t']:.0f}% t->i {100 * record['t2i']:.0f}%"
             progress.update(step_task, completed=step, info=info)
 
-        card = train_clip(cfg, out, on_step=on_step, on_pool=on_pool)
+        def on_resume(step: int) -> None:
+            progress.update(step_task, completed=step)
+            print(f"bicm: resuming from step {step} ({state_path(out)})", file=sys.stderr)
+
+        card = train_clip(cfg, out, on_step=on_step, on_pool=on_pool, save_every=save_every, on_resume=on_resume)
     retrieval = card["retrieval"]
     print(
         f"bicm: wrote {out} ({card['training_seconds'] / 60:.1f} min; held-out retrieval top-1 "
@@ -397,6 +418,7 @@ def train_clip_command(
 
 @app.command("pseudo-label")
 @user_errors
+@resumable
 def pseudo_label_command(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (matches, pairs, labels, KAM features, summary); rerun to resume."),
     dataset: Optional[str] = typer.Option(None, help="Take a dataset's split apart (images and queries unpaired): shapes, or a 'bicm eval' dataset."),
@@ -482,6 +504,7 @@ def pseudo_label_command(
 
 @app.command("train-kam")
 @user_errors
+@resumable
 def train_kam_command(
     run: Path = typer.Argument(..., help="A 'bicm pseudo-label' run folder."),
     out: Path = typer.Option(Path("kam.safetensors"), "--out", "-o", help="Model file (safetensors); the loss curve PNG and history JSON go beside it."),
@@ -493,9 +516,14 @@ def train_kam_command(
     seed: int = typer.Option(0, help="Seed of the initialisation and the shuffling."),
     no_names: bool = typer.Option(False, "--no-names", help="Train without the class-name input fc_r (zeros)."),
 ) -> None:
-    """KAM step 2: train the MLP of Fig. 3 on stored pseudo labels (no CLIP needed)."""
+    """KAM step 2: train the MLP of Fig. 3 on stored pseudo labels (no CLIP needed).
+
+    Resumable: the training state is saved after every epoch to <out stem>.state.pt; after
+    Ctrl-C the same command continues to the same weights.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .interrupt import state_path
     from .kam import KamConfig, KamModel, save_curve, train_kam
     from .pseudo import read_kam_pairs
 
@@ -511,7 +539,11 @@ def train_kam_command(
         def on_epoch(epoch: int, record: dict) -> None:
             progress.update(task, completed=epoch, info=f"loss {record['loss']:.3f}  top-1 = label {100 * record['agree']:.0f}%")
 
-        mlp, history = train_kam(pairs, config, use_names=use_names, on_epoch=on_epoch)
+        def on_resume(epoch: int) -> None:
+            progress.update(task, completed=epoch)
+            print(f"bicm: resuming from epoch {epoch} ({state_path(out)})", file=sys.stderr)
+
+        mlp, history = train_kam(pairs, config, use_names=use_names, on_epoch=on_epoch, state=state_path(out), on_resume=on_resume)
     backbone_name, _, backbone_id = info["model"].partition("@")
     used_thr = info["thr_k"] if thr_k is None else thr_k
     model = KamModel(mlp, config, backbone_id, backbone_name, use_names,
@@ -575,6 +607,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @proposals_app.command("extract")
 @user_errors
+@resumable
 def proposals_extract(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     output: Path = typer.Option(..., "--output", "-o", help="bicm JSONL file to write (appended to: runs resume)."),
@@ -602,6 +635,7 @@ def proposals_extract(
     from .imageio import load_image
     from .proposals.files import DetectionsAppender
     from .proposals.sources import make_source
+    from .provenance import versions
 
     todo = _collect_images(images)
     options = _source_options(
@@ -630,6 +664,7 @@ def proposals_extract(
                     if namer is not None and len(found) and not found.fully_named:
                         found = namer.name(found, pil)
                     found.meta["image_size"] = [pil.width, pil.height]
+                    found.meta["versions"] = versions()
                     out.add(key, found)
                 except _Err as exc:  # one bad image must not stop a dataset
                     failed.append(f"{key}: {exc}")

@@ -24,9 +24,10 @@ import json
 import math
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torchvision.ops import box_iou
@@ -36,8 +37,10 @@ from .atomic import atomic_write_text
 from .data import GroundingSample
 from .errors import BicmError, warn
 from .imageio import load_image
+from .interrupt import Interrupted, deferred
 from .jsonl import JsonlAppender, read_jsonl
 from .paper import paper_numbers
+from .provenance import versions
 from .proposals import Proposals
 from .proposals.sources import ORACLE_ID, ProposalSource
 
@@ -58,6 +61,9 @@ __all__ = [
 
 MAIN_ROW = "QAM+COM+SF"
 KAM_ROW = "QAM+COM+SF+KAM"
+
+#: The seed of torch's generator during a run (recorded in run.json and summary.json).
+EVAL_SEED = 0
 
 _QA = dict(attention="qa")
 ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -143,6 +149,8 @@ class EvalRun:
     part: Optional[str] = None
     limit: Optional[int] = None
     kam: Optional[str] = None
+    seed: int = 0
+    versions: Optional[dict[str, str]] = None  # bicm, torch, open_clip, python, ... (bicm.provenance)
 
     def same_work(self, other: "EvalRun") -> bool:
         mine, theirs = asdict(self), asdict(other)
@@ -231,7 +239,10 @@ def run_eval(
         part=part,
         limit=limit,
         kam=None if grounder.kam is None else grounder.kam.fingerprint(),
+        seed=EVAL_SEED,
+        versions=versions(),
     )
+    torch.manual_seed(EVAL_SEED)  # nothing in an eval draws random numbers; should a source do so, it is seeded
     _check_run_file(out_dir, run)
     needs = _needs(rows)
     groups = _group_by_image(chosen)
@@ -244,11 +255,12 @@ def run_eval(
         if done_queries:
             print_note(f"resuming: {done_queries} of {len(chosen)} queries already in {predictions}")
         hits = {"n": 0, "k": 0}
-        with _progress(progress, len(chosen), done_queries) as bar:
+        with _progress(progress, len(chosen), done_queries) as bar, _kept_on_interrupt(out, len(chosen), predictions):
             for index, (image_file, group) in enumerate(todo):
                 records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source)
                 errors += sum(1 for r in records if r.get("error"))
-                out.append(records)
+                with deferred():  # Ctrl-C never cuts an image's records in half
+                    out.append(records)
                 for r in records:
                     hits["n"] += 1
                     hits["k"] += int(r["rows"].get(MAIN_ROW, {}).get("hit", False))
@@ -351,6 +363,8 @@ def summarize(records: Sequence[dict[str, Any]], run: EvalRun) -> dict[str, Any]
         "selection": run.config.get("selection"),
         "errors": sum(1 for r in records if r.get("error")),
         "rows": rows,
+        "seed": run.seed,
+        "versions": run.versions,
     }
     if MAIN_ROW in run.rows and KAM_ROW in run.rows:
         summary["paired"] = mcnemar(records, MAIN_ROW, KAM_ROW)
@@ -431,6 +445,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
         for i, row in enumerate(summary["rows"]):
             cells = [f"{100 * by_kind[k][i]['accuracy']:.1f}" for k in kinds]
             lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    if summary.get("versions"):
+        made_with = ", ".join(f"{k} {v}" for k, v in summary["versions"].items())
+        lines += ["", f"Made with {made_with}; seed {summary.get('seed')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -461,6 +478,15 @@ def merge_runs(shards: Sequence[Union[str, Path]], out_dir: Union[str, Path]) ->
     return summary
 
 
+@contextmanager
+def _kept_on_interrupt(out: JsonlAppender, total: int, predictions: Path) -> Iterator[None]:
+    """Ctrl-C: say how much finished work the predictions file keeps (see bicm.interrupt)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"{len(out.done)} of {total} queries are kept in {predictions}") from None
+
+
 def _check_run_file(out_dir: Path, run: EvalRun) -> None:
     path = out_dir / "run.json"
     if path.is_file():
@@ -470,6 +496,9 @@ def _check_run_file(out_dir: Path, run: EvalRun) -> None:
             raise BicmError(f"{path} is not a bicm run file; use another --out") from None
         if not previous.same_work(run):
             raise BicmError(f"{out_dir} holds a run with other settings; use another --out (or delete it)")
+        if previous.versions and run.versions and previous.versions != run.versions:
+            changed = ", ".join(f"{k} {previous.versions.get(k)} -> {v}" for k, v in run.versions.items() if previous.versions.get(k) != v)
+            warn(f"resuming a run begun with other versions ({changed}); its predictions may mix them")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(run), indent=1) + "\n")
 

@@ -117,7 +117,9 @@ def select(
         return _box(boxes[best]), [best]
     if policy not in SELECTION_POLICIES:
         raise ValueError(f"unknown selection policy {policy!r}; use one of {', '.join(SELECTION_POLICIES)}")
-    above = (scores > scores.mean()).nonzero().flatten()
+    # in float64: the float32 mean of equal scores can round below them and make all "above"
+    wide = scores.double()
+    above = (wide > wide.mean()).nonzero().flatten()
     if above.numel() == 0:
         return _box(boxes[best]), [best]
     if policy == "union-above-mean":

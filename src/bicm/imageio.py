@@ -10,7 +10,7 @@ RGB :class:`PIL.Image.Image`. Boxes are always in the pixel coordinates of that 
 * Transparent images (RGBA, LA, P with transparency) are composited over white.
 * 16-bit and 32-bit grayscale (``I;16``, ``I``, ``F``) are rescaled to 8 bits instead of
   being clipped to white.
-* Huge images are refused before decoding (Pillow's decompression-bomb limit by default).
+* Huge images are refused before decoding (above :data:`DEFAULT_MAX_PIXELS` by default).
 * Unreadable, corrupt or truncated files raise :class:`~bicm.errors.BicmError` with one line.
 """
 
@@ -29,8 +29,11 @@ from .errors import BicmError, warn
 
 __all__ = ["load_image", "to_rgb", "image_digest", "DEFAULT_MAX_PIXELS", "ImageSource"]
 
-#: Pillow's own decompression-bomb threshold (about 89.5 megapixels).
-DEFAULT_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+#: Hard cap: larger images are refused before decoding (decompression-bomb guard). Twice
+#: Pillow's warning threshold (about 179 megapixels, where Pillow itself refuses), so a
+#: 100-megapixel photo loads (about 300 MB decoded) and is then downscaled to the working size
+#: (:attr:`bicm.api.BiCMConfig.max_pixels`).
+DEFAULT_MAX_PIXELS: int = 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 #: Smallest side (pixels) below which a warning says the result will mean little.
 TINY_SIDE = 16
@@ -94,7 +97,7 @@ def load_image(
         raise BicmError(f"image {name} is truncated or corrupt ({_short(exc)})") from None
     if exif_transpose:
         try:
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of an image without an orientation tag
         except Exception as exc:  # malformed EXIF must not stop the work
             warn(f"ignoring unreadable EXIF orientation of {name} ({_short(exc)})")
     rgb = to_rgb(image)

@@ -242,13 +242,24 @@ def train_kam(
     *,
     use_names: bool = True,
     on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
+    state: Optional[Union[str, Path]] = None,
+    on_resume: Optional[Callable[[int], None]] = None,
 ) -> tuple[KamMLP, list[dict[str, float]]]:
     """Train the MLP on pseudo-labelled pairs (CPU; small).
 
     Returns the MLP (in eval mode) and one history record per epoch: ``loss`` (mean
     cross-entropy), ``agree`` (share of pairs whose top-scored candidate is a labelled one)
     and ``seconds``.
+
+    Resumable when ``state`` (a file path) is given: after every epoch the training state
+    (weights, optimizer, shuffling random state, history) is written there atomically; a
+    later call with the same pairs and config continues after the last finished epoch
+    (``on_resume(epoch)`` is told) and gives the same weights as an uninterrupted run; the
+    file is removed at the end. On Ctrl-C it raises :class:`~bicm.interrupt.Interrupted`
+    saying what was kept. A state of other pairs or settings is refused.
     """
+    from .interrupt import Interrupted, load_state
+
     pairs = [p for p in pairs if p.fp.shape[0] >= 1 and p.target]
     if not pairs:
         raise BicmError("no pseudo labels to train on (lower --thr-k, or pseudo-label more images)")
@@ -263,7 +274,65 @@ def train_kam(
     inputs = [p.inputs(use_names) for p in pairs]  # (K_i, 4E) each, built once
     sizes = [x.shape[0] for x in inputs]
     history: list[dict[str, float]] = []
-    for epoch in range(1, config.epochs + 1):
+    settings = {**asdict(config), "use_names": use_names, "pairs": _pairs_digest(inputs, pairs)}
+    state_file = None if state is None else Path(state)
+    first = 0
+    if state_file is not None:
+        saved = load_state(state_file, _STATE_FORMAT, settings)
+        if saved is not None:
+            mlp.load_state_dict(saved["mlp"])
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["generator"])
+            history = [dict(h) for h in saved["history"]]
+            first = int(saved["epoch"])
+            if on_resume is not None:
+                on_resume(first)
+    try:
+        _epochs(mlp, optimizer, generator, pairs, inputs, sizes, config, history, first, on_epoch, state_file, settings)
+    except KeyboardInterrupt:
+        done = len(history)
+        if state_file is None or done == 0:
+            raise Interrupted("no epoch had finished; nothing to keep" if done == 0 else f"stopped after epoch {done}") from None
+        raise Interrupted(f"training state after epoch {done} of {config.epochs} is in {state_file}") from None
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
+    mlp.eval()
+    return mlp, history
+
+
+_STATE_FORMAT = "bicm-train-kam-state-1"
+
+
+def _pairs_digest(inputs: Sequence[torch.Tensor], pairs: Sequence[KamPair]) -> str:
+    """A short id of the training data (inputs and targets), so a saved state is only resumed
+    on the same pseudo labels."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=12)
+    for x, pair in zip(inputs, pairs):
+        digest.update(x.detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(json.dumps(sorted(pair.target)).encode())
+    return digest.hexdigest()
+
+
+def _epochs(
+    mlp: KamMLP,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    pairs: Sequence[KamPair],
+    inputs: Sequence[torch.Tensor],
+    sizes: Sequence[int],
+    config: KamConfig,
+    history: list[dict[str, float]],
+    first: int,
+    on_epoch: Optional[Callable[[int, dict[str, float]], None]],
+    state_file: Optional[Path],
+    settings: dict[str, Any],
+) -> None:
+    """Epochs ``first + 1 .. config.epochs`` of :func:`train_kam` (appends to ``history``)."""
+    from .interrupt import deferred, save_state
+
+    for epoch in range(first + 1, config.epochs + 1):
         start = time.perf_counter()
         mlp.train()
         order = torch.randperm(len(pairs), generator=generator).tolist()
@@ -283,11 +352,14 @@ def train_kam(
             top = _pad(logits.detach(), [sizes[i] for i in batch])[0].argmax(dim=1).tolist()
             agree += sum(int(t in pairs[i].target) for t, i in zip(top, batch))
         record = {"epoch": epoch, "loss": total / max(1, seen), "agree": agree / max(1, seen), "seconds": time.perf_counter() - start}
-        history.append(record)
+        with deferred():  # the epoch's record and its saved state go together
+            history.append(record)
+            if state_file is not None and epoch < config.epochs:
+                saved = {"epoch": epoch, "mlp": mlp.state_dict(), "optimizer": optimizer.state_dict(),
+                         "generator": generator.get_state(), "history": history}
+                save_state(state_file, _STATE_FORMAT, settings, saved)
         if on_epoch is not None:
             on_epoch(epoch, record)
-    mlp.eval()
-    return mlp, history
 
 
 def save_curve(history: Sequence[dict[str, float]], path: Union[str, Path], title: str = "KAM training") -> None:

@@ -79,10 +79,12 @@ def _figure(image: Image.Image, results: Sequence[GroundingResult], max_candidat
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, result in zip(axes.flat, results):
-        ax.imshow(pixels)
+        extent = (0, image.width, image.height, 0)  # pixel i spans [i, i + 1): the box convention
+        ax.imshow(pixels, extent=extent)
         if result.attention is not None:
-            heat = np.ma.masked_array(result.attention.numpy(), mask=_outside(result, image))
-            ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            values = result.attention.numpy()  # the working size when the image was downscaled
+            heat = np.ma.masked_array(values, mask=_outside(result, image, values.shape))
+            ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0, extent=extent)
             if result.view_box is not None and result.view_box != (0.0, 0.0, float(image.width), float(image.height)):
                 _rect(ax, Rectangle, result.view_box, "black", 1.0, ":", 0.6)
         cands = result.candidates
@@ -109,13 +111,14 @@ def _figure(image: Image.Image, results: Sequence[GroundingResult], max_candidat
     return fig
 
 
-def _outside(result: GroundingResult, image: Image.Image) -> np.ndarray:
-    """``(H, W)`` True where CLIP's whole-image view did not reach (no heat drawn there)."""
-    mask = np.zeros((image.height, image.width), dtype=bool)
+def _outside(result: GroundingResult, image: Image.Image, shape: tuple[int, ...]) -> np.ndarray:
+    """``shape`` (the map's ``(H, W)``) True where CLIP's whole-image view did not reach."""
+    height, width = shape
+    mask = np.zeros((height, width), dtype=bool)
     if result.view_box is not None:
-        x1, y1, x2, y2 = result.view_box
-        cols = np.arange(image.width) + 0.5
-        rows = np.arange(image.height) + 0.5
+        x1, y1, x2, y2 = result.view_box  # original pixels
+        cols = (np.arange(width) + 0.5) * image.width / width
+        rows = (np.arange(height) + 0.5) * image.height / height
         mask |= ((cols < x1) | (cols > x2))[None, :]
         mask |= ((rows < y1) | (rows > y2))[:, None]
     return mask

@@ -40,10 +40,23 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 _BUILTIN_TYPES = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int",
                   "list", "set", "str", "tuple")
 
+def _sized(kind: type) -> Any:
+    """``bytes``/``bytearray`` that refuse a size argument: ``bytearray(10**12)`` in a pickle is
+    a memory bomb (data pickles rebuild them from their contents, never from a size)."""
+
+    def build(*args: Any) -> Any:
+        if args and isinstance(args[0], int):
+            raise BicmError(f"refusing to read a pickle that asks for {kind.__name__}({args[0]}) (a size, not data)")
+        return kind(*args)
+
+    return build
+
+
 #: Names a pickle of plain Python data may need (``__builtin__`` is Python 2's module name;
 #: ``_codecs.encode`` is how protocol-2 pickles rebuild ``bytes``).
 BUILTIN_NAMES: dict[str, Any] = {
     **{f"{m}.{t}": getattr(builtins, t) for m in ("builtins", "__builtin__") for t in _BUILTIN_TYPES},
+    **{f"{m}.{t.__name__}": _sized(t) for m in ("builtins", "__builtin__") for t in (bytes, bytearray)},
     "__builtin__.unicode": str,
     "__builtin__.long": int,
     "_codecs.encode": __import__("_codecs").encode,

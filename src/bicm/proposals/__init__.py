@@ -45,19 +45,23 @@ class Proposals:
     name_scores: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
-        boxes = torch.as_tensor(self.boxes, dtype=torch.float32)
+        boxes = _numbers(self.boxes, "proposal boxes")
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise BicmError(f"proposal boxes must have shape (N, 4), got {tuple(boxes.shape)}")
         if not torch.isfinite(boxes).all():
             raise BicmError("proposal boxes contain NaN or infinite coordinates")
-        self.boxes = boxes
+        if boxes.numel() and float(boxes.abs().max()) > _FLOAT32_MAX:
+            raise BicmError("proposal boxes have coordinates too large for float32 (beyond 3.4e38)")
+        self.boxes = boxes.float()
         n = boxes.shape[0]
         if self.scores is not None:
-            scores = torch.as_tensor(self.scores, dtype=torch.float32).reshape(-1)
+            scores = _numbers(self.scores, "proposal scores").float().reshape(-1)
             if scores.shape[0] != n:
                 raise BicmError(f"{n} proposal boxes but {scores.shape[0]} scores")
+            if not torch.isfinite(scores).all():
+                raise BicmError("proposal scores contain NaN or infinite values")
             self.scores = scores
         if self.class_names is not None:
             names = [None if c is None or str(c).strip() == "" else str(c).strip() for c in self.class_names]
@@ -65,7 +69,7 @@ class Proposals:
                 raise BicmError(f"{n} proposal boxes but {len(names)} class names")
             self.class_names = names if any(c is not None for c in names) or n == 0 else None
         if self.name_scores is not None:
-            name_scores = torch.as_tensor(self.name_scores, dtype=torch.float32).reshape(-1)
+            name_scores = _numbers(self.name_scores, "proposal name scores").float().reshape(-1)
             if name_scores.shape[0] != n:
                 raise BicmError(f"{n} proposal boxes but {name_scores.shape[0]} name scores")
             self.name_scores = name_scores
@@ -123,6 +127,20 @@ class Proposals:
             keep.nonzero().flatten()
         )
         return Sanitized(kept, n_clipped=int((changed & keep).sum()), n_dropped=int((~keep).sum()))
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _numbers(values: object, what: str) -> torch.Tensor:
+    """``values`` as a float64 tensor, or one clear error."""
+    try:
+        if isinstance(values, torch.Tensor):
+            return values.detach().to("cpu", torch.float64)
+        return torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        text = repr(values)
+        raise BicmError(f"{what} must be numbers, got {text[:57] + '...' if len(text) > 60 else text}") from None
 
 
 @dataclass

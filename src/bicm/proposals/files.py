@@ -26,6 +26,7 @@ formats (:mod:`bicm.proposals.formats`).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def read_detections(path: Union[str, Path], box_format: Optional[str] = None) ->
     if not path.is_file():
         raise BicmError(f"detections file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not content
     except (OSError, UnicodeDecodeError) as exc:
         raise BicmError(f"cannot read detections file {path}: {exc}") from None
     source = f"file:{path.name}"
@@ -187,8 +188,10 @@ def _parse_record(record: Any, box_format: Optional[str], source: str, where: st
         names = next((record[k] for k in _NAME_KEYS if k in record), None)
     boxes = _check_boxes(boxes, where)
     if scores is not None:
-        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+        if not isinstance(scores, list) or not all(_is_number(s) for s in scores):
             raise BicmError(f"{where}: 'scores' must be a list of numbers (one per box)")
+        if not all(math.isfinite(s) for s in scores):
+            raise BicmError(f"{where}: 'scores' holds NaN or infinite values")
         if len(scores) != len(boxes):
             raise BicmError(f"{where}: {len(boxes)} boxes but {len(scores)} scores")
     if names is not None:
@@ -197,8 +200,12 @@ def _parse_record(record: Any, box_format: Optional[str], source: str, where: st
         if len(names) != len(boxes):
             raise BicmError(f"{where}: {len(boxes)} boxes but {len(names)} class names")
     name_scores = record.get("name_scores")
-    if name_scores is not None and (not isinstance(name_scores, list) or len(name_scores) != len(boxes)):
-        raise BicmError(f"{where}: 'name_scores' must be a list with one number per box")
+    if name_scores is not None and (
+        not isinstance(name_scores, list)
+        or len(name_scores) != len(boxes)
+        or not all(_is_number(s) and math.isfinite(s) for s in name_scores)
+    ):
+        raise BicmError(f"{where}: 'name_scores' must be a list with one finite number per box")
     meta = {"origin": record["source"]} if isinstance(record.get("source"), str) else {}
     if isinstance(record.get("image_size"), list) and len(record["image_size"]) == 2:
         meta["image_size"] = list(record["image_size"])
@@ -216,13 +223,23 @@ def _check_boxes(boxes: Any, where: str) -> list[list[float]]:
         if (
             not isinstance(box, (list, tuple))
             or len(box) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+            or not all(_is_number(v) for v in box)
         ):
             raise BicmError(f"{where}: box {i} is not 4 numbers: {json.dumps(box)[:60]}")
-        if any(v != v or v in (float("inf"), float("-inf")) for v in box):
+        if not all(math.isfinite(v) for v in box):
             raise BicmError(f"{where}: box {i} has a non-finite coordinate")
+        if any(abs(v) > _LARGEST for v in box):
+            raise BicmError(f"{where}: box {i} has a coordinate beyond +-1e15 pixels: {json.dumps(box)[:60]}")
         out.append([float(v) for v in box])
     return out
+
+
+#: Coordinates beyond this are not pixels (float32, the box type, rounds them to nonsense or inf).
+_LARGEST = 1e15
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_proposals_file(
@@ -272,6 +289,8 @@ def to_record(key: str, proposals: Proposals) -> dict[str, Any]:
         record["name_scores"] = [round(float(v), 5) for v in proposals.name_scores.tolist()]
     if "image_size" in proposals.meta:
         record["image_size"] = list(proposals.meta["image_size"])
+    if "versions" in proposals.meta:  # what made them (bicm proposals extract)
+        record["versions"] = dict(proposals.meta["versions"])
     return record
 
 

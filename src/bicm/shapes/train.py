@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..atomic import atomic_write_text
 from ..backbone import PreprocessSpec, save_checkpoint
+from ..interrupt import Interrupted, deferred, ignore_in_worker, load_state, save_state as write_state, state_path
+from ..provenance import versions
 from .world import COLOURS, SHAPES, ShapeObject, expressions, make_scene, render, single_object_image
 
 __all__ = ["TrainConfig", "train_clip", "model_config"]
@@ -133,7 +136,7 @@ def make_pool(cfg: TrainConfig, progress: Optional[Callable[[int, int], None]] =
     pool: list[Sample] = []
     if cfg.threads > 1:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # children only draw: no torch
-        with mp.get_context(method).Pool(cfg.threads) as workers:
+        with mp.get_context(method).Pool(cfg.threads, initializer=ignore_in_worker) as workers:
             for part in workers.imap(_make_chunk, jobs):
                 pool.extend(part)
                 if progress:
@@ -274,23 +277,41 @@ def clip_metrics(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+_STATE_FORMAT = "bicm-train-clip-state-2"
+
+
 def train_clip(
     cfg: TrainConfig,
     out: Path,
     *,
     on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
     on_pool: Optional[Callable[[int, int], None]] = None,
+    save_every: int = 100,
+    on_resume: Optional[Callable[[int], None]] = None,
 ) -> dict[str, Any]:
     """Train the shapes CLIP and write ``out`` (safetensors), its curves and a model card.
+
+    Resumable: every ``save_every`` steps (0: never) and on Ctrl-C, the training state (weights,
+    optimizer, data-order random state, history) is written atomically to
+    :func:`state_path`; the same call later continues from it (``on_resume(step)`` is told)
+    and gives the same weights as an uninterrupted run. The state file is removed at the end.
+    On Ctrl-C it raises :class:`~bicm.interrupt.Interrupted` saying what was kept.
 
     Returns the model card (also written next to the weights as ``<out>.json``).
     """
     import open_clip
 
+    out = Path(out)
+    saved_state = state_path(out)
+    resumed = load_state(saved_state, _STATE_FORMAT, asdict(cfg))
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
-    pool = make_pool(cfg, on_pool)
+    try:
+        pool = make_pool(cfg, on_pool)
+    except KeyboardInterrupt:
+        kept = f"training state at step {resumed['step']} in {saved_state}" if resumed else "no training step had finished yet"
+        raise Interrupted(f"stopped while generating the image pool; {kept}") from None
     pool_seconds = time.perf_counter() - started
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
     model = open_clip.CLIP(**{k: v for k, v in model_config(cfg).items()})
@@ -314,30 +335,70 @@ def train_clip(
     eval_images, eval_tokens, eval_texts = held_out(cfg, tokenizer)
 
     history: list[dict[str, float]] = []
-    for step in range(cfg.steps):
-        for group in optim.param_groups:
-            group["lr"] = lr_at(step)
-        images, tokens, _ = batches()
-        image_f, text_f, scale = model(images, tokens)
-        logits = scale * image_f @ text_f.T
-        target = torch.arange(len(images))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        record = {"step": step + 1, "loss": loss.item(), "temperature": 1.0 / scale.item()}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            model.eval()
-            i2t, t2i = _retrieval(model, eval_images, eval_tokens, eval_texts)
-            model.train()
-            record.update(i2t=i2t, t2i=t2i)
-        history.append(record)
-        if on_step is not None:
-            on_step(step + 1, record)
+    first, earlier_seconds = 0, 0.0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optim.load_state_dict(resumed["optimizer"])
+        batches.rng.bit_generator.state = resumed["data_rng"]
+        torch.set_rng_state(resumed["torch_rng"])
+        history = list(resumed["history"])
+        first, earlier_seconds = int(resumed["step"]), float(resumed["seconds"])
+        if on_resume is not None:
+            on_resume(first)
+
+    def save_state(step: int, data_rng: dict) -> None:
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optim.state_dict(),
+            "data_rng": data_rng,
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "seconds": earlier_seconds + time.perf_counter() - started,
+            "versions": versions(),
+        }
+        write_state(saved_state, _STATE_FORMAT, asdict(cfg), state)
+
+    completed = first
+    data_rng = batches.rng.bit_generator.state  # the data order's state before step `completed`
+    try:
+        for step in range(first, cfg.steps):
+            data_rng = batches.rng.bit_generator.state
+            for group in optim.param_groups:
+                group["lr"] = lr_at(step)
+            images, tokens, _ = batches()
+            image_f, text_f, scale = model(images, tokens)
+            logits = scale * image_f @ text_f.T
+            target = torch.arange(len(images))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            with deferred():  # the update and its record happen together or not at all
+                optim.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                record = {"step": step + 1, "loss": loss.item(), "temperature": 1.0 / scale.item()}
+                history.append(record)
+                completed = step + 1
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                model.eval()
+                i2t, t2i = _retrieval(model, eval_images, eval_tokens, eval_texts)
+                model.train()
+                record.update(i2t=i2t, t2i=t2i)
+            if on_step is not None:
+                on_step(step + 1, record)
+            if save_every > 0 and completed % save_every == 0 and completed < cfg.steps:
+                save_state(completed, batches.rng.bit_generator.state)
+    except KeyboardInterrupt:
+        if completed == first:
+            if resumed is None:
+                raise Interrupted("no training step had finished; nothing to keep") from None
+            raise Interrupted(f"training state at step {completed} is still in {saved_state}") from None
+        # interrupted inside step `completed` (its batch already drawn) or just after it
+        save_state(completed, data_rng if completed == step else batches.rng.bit_generator.state)
+        raise Interrupted(f"training state at step {completed} of {cfg.steps} saved to {saved_state}") from None
     model.eval()
-    seconds = time.perf_counter() - started
+    seconds = earlier_seconds + time.perf_counter() - started
     model = model.half().float()  # the card describes the shipped (float16) weights exactly
     metrics = clip_metrics(model, cfg)
     out = Path(out)
@@ -355,11 +416,15 @@ def train_clip(
         "final_loss": history[-1]["loss"],
         "weights_dtype": "float16 (loaded as float32)",
         "torch": torch.__version__,
+        "versions": versions(),
+        "seed": cfg.seed,
+        "resumed_from_step": first or None,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    (out.parent / (out.stem + ".json")).write_text(json.dumps(card, indent=1) + "\n")
-    (out.parent / (out.stem + ".history.json")).write_text(json.dumps(history) + "\n")
+    atomic_write_text(out.parent / (out.stem + ".json"), json.dumps(card, indent=1) + "\n")
+    atomic_write_text(out.parent / (out.stem + ".history.json"), json.dumps(history) + "\n")
     plot_curves(history, out.parent / (out.stem + ".curves.png"))
+    saved_state.unlink(missing_ok=True)
     return card
 
 
