@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import open_clip
@@ -27,6 +28,11 @@ TINY_RESNET_CFG = {
 }
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# The command line's --precision defaults to "auto" (bf16 crops on CPUs with AMX / AVX-512
+# BF16). The tests pin fp32 (also in the CLI subprocesses they start) so that their numbers do
+# not depend on the CPU they run on; tests/test_precision.py covers the other precisions.
+os.environ["BICM_PRECISION"] = "fp32"
 
 
 def make_model(cfg: dict = TINY_CFG, seed: int = 0) -> torch.nn.Module:

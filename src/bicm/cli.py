@@ -40,6 +40,7 @@ ComModeOpt = Literal["both", "class", "visual"]
 TdScaleOpt = Literal["raw", "normalized"]
 RegionOpt = Literal["largest", "peak", "all"]
 AmpOpt = Literal["none", "bf16", "fp16"]
+PrecisionOpt = Literal["auto", "fp32", "bf16", "fp16"]
 BoxFormatOpt = Literal["xyxy", "xywh"]
 SsModeOpt = Literal["fast", "quality"]
 FileFormatOpt = Literal["auto", "bicm", "reclip", "tsv"]
@@ -106,6 +107,11 @@ BOX_FORMAT_OPT = typer.Option(None, help="Box format of a bicm detections file t
 TSV_OFFSET_OPT = typer.Option(0, help="TSV class id of the first vocabulary name (1 for Caffe models with background 0).")
 NAME_WITH_OPT = typer.Option(None, help="Name unnamed proposals by CLIP zero-shot over vg1600, coco80 or a text file.")
 NAME_TEMPLATE_OPT = typer.Option("a photo of a {}.", help="Prompt for each vocabulary name when naming.")
+PRECISION_OPT = typer.Option(
+    "auto", envvar="BICM_PRECISION",
+    help="Weights of the image encoder for crops and whole images: auto (bf16 where the GPU or CPU does bf16 natively, "
+    "else fp32), fp32, bf16, fp16 (CUDA). QAM's gradient path stays fp32.",
+)
 KAM_OPT = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam' (adds lambda_k * S_KAM, Eq. 11).")
 LAMBDA_K_OPT = typer.Option(1.0, help="Weight of the KAM score S_KAM.")
 MAX_PIXELS_OPT = typer.Option(
@@ -166,6 +172,7 @@ def ground(
     quick_gelu: Optional[bool] = QUICK_GELU_OPT,
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    precision: PrecisionOpt = PRECISION_OPT,
     components: str = typer.Option("qam,com,sf", help="Comma-separated components: qam, com, sf (kam is added by --kam)."),
     kam: Optional[Path] = KAM_OPT,
     lambda_k: float = LAMBDA_K_OPT,
@@ -229,6 +236,7 @@ def ground(
         quick_gelu=quick_gelu,
         config=config,
         kam=kam,
+        precision=precision,
     )
     if name_with is not None:
         grounder.namer = ClipNamer(grounder.backbone, name_with, name_template, encode_text=grounder.encoder.text)
@@ -281,6 +289,7 @@ def evaluate_command(
     quick_gelu: Optional[bool] = QUICK_GELU_OPT,
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    precision: PrecisionOpt = PRECISION_OPT,
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
     lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
     kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': adds the QAM+COM+SF+KAM row."),
@@ -327,7 +336,7 @@ def evaluate_command(
             top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
         )
         source = make_source(proposals, **options)
-    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
+    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision)
     grounder = Grounder(backbone, base, cache=feature_cache, kam=kam)
     if name_with is not None:
         grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
@@ -448,6 +457,7 @@ def pseudo_label_command(
     quick_gelu: Optional[bool] = QUICK_GELU_OPT,
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    precision: PrecisionOpt = PRECISION_OPT,
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
     lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
     selection: SelectionOpt = typer.Option("argmax", help="How the labelled box is chosen from the candidates."),
@@ -485,7 +495,7 @@ def pseudo_label_command(
     config = BiCMConfig(components=comps, thr_a=thr_a, lambda_t=lambda_t, selection=selection)
     options = _source_options(top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device)
     source = make_source(proposals, **options)
-    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu)
+    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision)
     grounder = Grounder(backbone, config, cache=_feature_cache(cache, no_cache))
     if name_with is not None:
         grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
@@ -761,6 +771,7 @@ def serve(
     quick_gelu: Optional[bool] = QUICK_GELU_OPT,
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
+    precision: PrecisionOpt = PRECISION_OPT,
     name_with: Optional[str] = typer.Option(
         None, help="Name proposals by CLIP over vg1600, coco80 or a text file [default: shapes with the shapes model]."
     ),
@@ -791,6 +802,7 @@ def serve(
         quick_gelu=quick_gelu,
         device=device,
         amp=amp,
+        precision=precision,
         name_with=name_with,
         name_template=name_template,
         kam=kam,

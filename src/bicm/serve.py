@@ -677,6 +677,7 @@ def start_service(
     quick_gelu: Optional[bool] = None,
     device: str = "auto",
     amp: Optional[str] = None,
+    precision: str = "fp32",
     name_with: Optional[str] = None,
     name_template: str = "a photo of a {}.",
     kam: Optional[Path] = None,
@@ -699,7 +700,7 @@ def start_service(
     if model is None and pretrained is None and checkpoint is None:
         model = SHAPES_MODEL
     grounder = Grounder.from_pretrained(
-        model, pretrained, checkpoint=checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, kam=kam
+        model, pretrained, checkpoint=checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, kam=kam, precision=precision
     )
     if name_with is None and model == SHAPES_MODEL and checkpoint is None and pretrained is None:
         name_with = "shapes"

@@ -1,0 +1,80 @@
+"""Precision of the no-gradient image encoder (proposal crops, whole images): fp32, bf16
+weights, and the "auto" choice; QAM's gradient path stays fp32 whatever it is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bicm import backbone as backbone_module
+from bicm.backbone import Backbone, preprocess, resolve_precision
+from bicm.cli import app
+from bicm.errors import BicmError
+from bicm.qam import compute_maps
+
+from .conftest import draw_scene, make_backbone
+
+
+def test_resolve_precision(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None and resolve_precision(None, cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(BicmError, match="fp16 weights need a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(BicmError, match="unknown precision 'int4'"):
+        resolve_precision("int4", cpu)
+    monkeypatch.setattr(backbone_module, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(backbone_module, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) is None
+
+
+def low_precision(bb: Backbone, dtype: torch.dtype) -> Backbone:
+    return Backbone(bb.model, bb.tokenizer, bb.spec, bb.device, bb.name, None, bb.model_cfg, precision=dtype)
+
+
+def test_bf16_crops_are_close_to_fp32_and_leave_the_model_alone():
+    fp32 = make_backbone()
+    bf16 = low_precision(make_backbone(), torch.bfloat16)
+    pixels = torch.stack([preprocess(draw_scene(320 + 8 * i, 240), fp32.spec)[0] for i in range(6)])
+    a, b = fp32.encode_pixels(pixels), bf16.encode_pixels(pixels)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    cos = (a * b).sum(dim=1)
+    assert float(cos.min()) > 0.99 and not torch.equal(a, b)  # close, but really computed in bf16
+    assert bf16.image_encoder() is not bf16.model.visual
+    assert next(bf16.image_encoder().parameters()).dtype == torch.bfloat16
+    assert next(bf16.model.visual.parameters()).dtype == torch.float32  # QAM's model is untouched
+    assert fp32.image_encoder() is fp32.model.visual
+    assert bf16.fingerprint() != fp32.fingerprint() and bf16.fingerprint().endswith("-wbf16")
+
+
+def test_qam_maps_do_not_depend_on_the_precision():
+    fp32 = make_backbone()
+    bf16 = low_precision(make_backbone(), torch.bfloat16)
+    image = draw_scene()
+    text = fp32.encode_text(["a red square", "a blue disc"])
+    pixels, geometry = preprocess(image, fp32.spec)
+    maps_a = compute_maps(fp32, pixels, geometry, text, "qa")
+    maps_b = compute_maps(bf16, pixels, geometry, text, "qa")
+    assert torch.equal(maps_a.raw, maps_b.raw)
+
+
+def test_cli_precision_option_and_environment(scene_files, tiny_checkpoint):
+    runner = CliRunner()
+    image, dets = scene_files
+    args = ["ground", str(image), "the red square", "-c", str(tiny_checkpoint), "-p", str(dets), "--json"]
+    out = {}
+    for precision in ("fp32", "bf16"):
+        result = runner.invoke(app, [*args, "--precision", precision])
+        assert result.exit_code == 0, result.output
+        out[precision] = json.loads(result.stdout.splitlines()[0])
+    a, b = out["fp32"]["candidates"], out["bf16"]["candidates"]
+    assert [c["box"] for c in a] == [c["box"] for c in b]
+    assert [c["s_cq"] for c in a] == [c["s_cq"] for c in b] and [c["s_td"] for c in a] == [c["s_td"] for c in b]  # text, QAM: fp32
+    s_pq = [(x["s_pq"], y["s_pq"]) for x, y in zip(a, b) if x["source"] == "proposal"]
+    assert all(abs(x - y) < 0.01 for x, y in s_pq) and any(x != y for x, y in s_pq)  # crops: bf16
+    result = runner.invoke(app, args, env={"BICM_PRECISION": "fp16"})
+    assert result.exit_code == 2 and "fp16 weights need a CUDA device" in result.stderr
