@@ -261,7 +261,7 @@ def test_unknown_architecture_and_tag():
 
 
 def test_device_and_precision_options():
-    with pytest.raises(BicmError, match="fp16 autocast needs a CUDA"):
+    with pytest.raises(BicmError, match="fp16 \\(autocast\\) needs a CUDA"):
         load_backbone("ViT-B-32", "openai", device="cpu", amp="fp16")
     with pytest.raises(BicmError, match="unknown device"):
         load_backbone("ViT-B-32", "openai", device="tpu")

@@ -22,9 +22,9 @@ def test_resolve_precision(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None and resolve_precision(None, cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    with pytest.raises(BicmError, match="fp16 weights need a CUDA device"):
+    with pytest.raises(BicmError, match=r"fp16 \(weights\) needs a CUDA device"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(BicmError, match="unknown precision 'int4'"):
+    with pytest.raises(BicmError, match="unknown weights precision 'int4'"):
         resolve_precision("int4", cpu)
     monkeypatch.setattr(backbone_module, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
@@ -77,4 +77,4 @@ def test_cli_precision_option_and_environment(scene_files, tiny_checkpoint):
     s_pq = [(x["s_pq"], y["s_pq"]) for x, y in zip(a, b) if x["source"] == "proposal"]
     assert all(abs(x - y) < 0.01 for x, y in s_pq) and any(x != y for x, y in s_pq)  # crops: bf16
     result = runner.invoke(app, args, env={"BICM_PRECISION": "fp16"})
-    assert result.exit_code == 2 and "fp16 weights need a CUDA device" in result.stderr
+    assert result.exit_code == 2 and "fp16 (weights) needs a CUDA device" in result.stderr

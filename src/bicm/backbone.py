@@ -453,17 +453,23 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
+def _half_dtype(name: Optional[str], device: torch.device, kind: str, choices: str) -> Optional[torch.dtype]:
+    """``None``/"none"/"fp32" -> None (fp32); "bf16", "fp16" (CUDA only) -> the dtype.
+    ``kind`` names the setting in errors ("autocast", "weights")."""
+    if name in (None, "none", "fp32"):
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        if device.type != "cuda":
+            raise BicmError(f"fp16 ({kind}) needs a CUDA device; on CPU use fp32 or bf16")
+        return torch.float16
+    raise BicmError(f"unknown {kind} precision {name!r}; use {choices}")
+
+
 def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for ``amp`` in (None, "none", "bf16", "fp16")."""
-    if amp in (None, "none", "fp32"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise BicmError("fp16 autocast needs a CUDA device; on CPU use fp32 (default) or bf16")
-        return torch.float16
-    raise BicmError(f"unknown autocast precision {amp!r}; use none, bf16 or fp16")
+    return _half_dtype(amp, device, "autocast", "none, bf16 or fp16")
 
 
 def dtype_name(dtype: Optional[torch.dtype]) -> str:
@@ -502,19 +508,13 @@ def resolve_precision(precision: Optional[str], device: torch.device) -> Optiona
     ``"auto"``: bf16 on a CUDA GPU that supports it and on CPUs with native bf16 matrix units
     (:func:`cpu_has_fast_bf16`), else fp32. ``"fp16"`` needs CUDA.
     """
-    if precision in (None, "fp32"):
-        return None
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise BicmError("fp16 weights need a CUDA device; on CPU use fp32 or bf16")
-        return torch.float16
-    raise BicmError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if precision == "none":  # "none" is an autocast word, not a precision
+        raise BicmError(f"unknown weights precision 'none'; use {', '.join(PRECISIONS)}")
+    return _half_dtype(precision, device, "weights", ", ".join(PRECISIONS))
 
 
 def load_backbone(
