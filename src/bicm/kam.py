@@ -354,7 +354,7 @@ def _epochs(
         record = {"epoch": epoch, "loss": total / max(1, seen), "agree": agree / max(1, seen), "seconds": time.perf_counter() - start}
         with deferred():  # the epoch's record and its saved state go together
             history.append(record)
-            if state_file is not None and epoch < config.epochs:
+            if state_file is not None:  # the last epoch too, so a Ctrl-C after it keeps it
                 saved = {"epoch": epoch, "mlp": mlp.state_dict(), "optimizer": optimizer.state_dict(),
                          "generator": generator.get_state(), "history": history}
                 save_state(state_file, _STATE_FORMAT, settings, saved)
