@@ -179,17 +179,25 @@ def test_cli_eval_shards_merge_to_the_full_run(tmp_path, tiny_checkpoint):
     assert other.exit_code == 2 and "other settings" in other.stderr
 
 
-def test_kill_minus_nine_then_resume_gives_the_same_numbers(tmp_path, tiny_checkpoint):
-    n_images = 40
-    total = 3 * n_images
+def file_eval(tmp_path, tiny_checkpoint, n_images):
+    """A dataset of ``n_images`` (3 queries each) with proposals from a detections file; returns
+    ``command(out, ablation)``: the ``bicm eval`` arguments of a run into ``tmp_path / out``."""
     data = make_dataset(tmp_path, n_images=n_images)
     dets_for(tmp_path, n_images)
     (tmp_path / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
 
-    def command(out):
-        args = eval_cli(tmp_path, data, "--out", str(tmp_path / out), "--ablation", "table4", "--no-cache")
+    def command(out: str, ablation: str = "table4") -> list[str]:
+        args = eval_cli(tmp_path, data, "--out", str(tmp_path / out), "--ablation", ablation, "--no-cache")
         args[args.index("--proposals") + 1] = str(tmp_path / "dets.json")
         return args
+
+    return command
+
+
+def test_kill_minus_nine_then_resume_gives_the_same_numbers(tmp_path, tiny_checkpoint):
+    n_images = 40
+    total = 3 * n_images
+    command = file_eval(tmp_path, tiny_checkpoint, n_images)
 
     reference = CliRunner().invoke(app, command("ref"))
     assert reference.exit_code == 0, reference.stderr

@@ -22,7 +22,7 @@ from bicm.interrupt import Interrupted, deferred, resumable, resume_command
 from bicm.shapes import train as train_module
 from bicm.shapes.train import TrainConfig, state_path, train_clip
 
-from .test_evaluate import dets_for, eval_cli, make_dataset
+from .test_evaluate import file_eval
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -68,11 +68,7 @@ def assert_clean_interrupt(code: int, stderr: str, command: str) -> str:
 def test_ctrl_c_during_eval_keeps_the_finished_queries_and_resumes(tmp_path, tiny_checkpoint):
     n_images = 24
     total = 3 * n_images
-    data = make_dataset(tmp_path, n_images=n_images)
-    dets_for(tmp_path, n_images)
-    (tmp_path / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
-    args = eval_cli(tmp_path, data, "--out", str(tmp_path / "run"), "--ablation", "none", "--no-cache")
-    args[args.index("--proposals") + 1] = str(tmp_path / "dets.json")
+    args = file_eval(tmp_path, tiny_checkpoint, n_images)("run", "none")
     predictions = tmp_path / "run" / "predictions.jsonl"
 
     proc = start(args, tmp_path)
