@@ -274,10 +274,11 @@ def train_kam(
     inputs = [p.inputs(use_names) for p in pairs]  # (K_i, 4E) each, built once
     sizes = [x.shape[0] for x in inputs]
     history: list[dict[str, float]] = []
-    settings = {**asdict(config), "use_names": use_names, "pairs": _pairs_digest(inputs, pairs)}
     state_file = None if state is None else Path(state)
+    settings: dict[str, Any] = {}
     first = 0
-    if state_file is not None:
+    if state_file is not None:  # the digest reads every input: only worth it when resuming is asked for
+        settings = {**asdict(config), "use_names": use_names, "pairs": _pairs_digest(inputs, pairs)}
         saved = load_state(state_file, _STATE_FORMAT, settings)
         if saved is not None:
             mlp.load_state_dict(saved["mlp"])
