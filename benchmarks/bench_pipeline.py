@@ -28,6 +28,7 @@ precision used).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -116,8 +117,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def with_precision(backbone: Backbone, dtype: Optional[torch.dtype]) -> Backbone:
-    return Backbone(backbone.model, backbone.tokenizer, backbone.spec, backbone.device, backbone.name, None,
-                    backbone.model_cfg, precision=dtype)
+    return dataclasses.replace(backbone, amp=None, precision=dtype)
 
 
 def main() -> None:

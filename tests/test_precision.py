@@ -3,6 +3,7 @@ weights, and the "auto" choice; QAM's gradient path stays fp32 whatever it is.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,7 +34,7 @@ def test_resolve_precision(monkeypatch):
 
 
 def low_precision(bb: Backbone, dtype: torch.dtype) -> Backbone:
-    return Backbone(bb.model, bb.tokenizer, bb.spec, bb.device, bb.name, None, bb.model_cfg, precision=dtype)
+    return dataclasses.replace(bb, precision=dtype)
 
 
 def test_bf16_crops_are_close_to_fp32_and_leave_the_model_alone():
