@@ -13,7 +13,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from bicm import BicmError, BicmWarning, Grounder
-from bicm.backbone import PreprocessSpec, encode_tokens, load_backbone, preprocess, save_checkpoint
+from bicm.backbone import PreprocessSpec, encode_tokens, load_backbone, preprocess, preprocess_many, save_checkpoint
 
 from .conftest import TINY_RESNET_CFG, draw_scene, make_backbone, make_model
 
@@ -35,6 +35,18 @@ def test_preprocess_equals_open_clip_transform(mode, size, wh):
     assert ours.shape == theirs.shape == (3, *size)
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert (geometry.input_height, geometry.input_width) == size
+
+
+IMAGE_SIZES = [(320, 240), (240, 320), (64, 64), (37, 500), (5, 3), (101, 99), (700, 20), (1, 300)]
+
+
+@pytest.mark.parametrize("mode", ["shortest", "squash", "longest"])
+def test_preprocess_many_is_preprocess_in_one_batch(mode):
+    spec = PreprocessSpec(size=(48, 80), resize_mode=mode)
+    images = [noise_image(*wh, seed=i) for i, wh in enumerate(IMAGE_SIZES)]
+    batch = preprocess_many(images, spec)
+    assert batch.shape == (len(images), 3, 48, 80) and batch.is_contiguous()
+    assert torch.equal(batch, torch.stack([preprocess(im, spec)[0] for im in images]))
 
 
 @pytest.mark.parametrize("mode", ["shortest", "squash", "longest"])

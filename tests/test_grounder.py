@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bicm import BiCMConfig, BicmError, BicmWarning, Grounder, Proposals
-from bicm.com import crop, encode_crops
+from bicm.com import crop, crop_pixels, encode_crops
 
 from .conftest import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
 
@@ -64,6 +64,28 @@ def test_com_scores_are_the_papers_equations(grounder, named):
     assert r.candidates.class_names[3] == SCENE_NAMES[best]
     assert r.candidates.s_cq[3] == pytest.approx(float(s_cq[best]))
     assert torch.allclose(encode_crops(backbone, image, torch.tensor(SCENE_BOXES)), crops[:3], atol=1e-6)
+
+
+def test_crops_prepared_ahead_come_back_in_order(grounder):
+    """More crops than one batch: the next batch is cut on a worker thread while the current
+    one is encoded; the result is the same as one batch, row for row."""
+    backbone = grounder.backbone
+    image = draw_scene()
+    boxes = torch.tensor([[5.0 * i, 3.0 * i, 60.0 + 9 * i, 40.0 + 7 * i] for i in range(11)])
+    whole = backbone.encode_pixels(crop_pixels(image, boxes.tolist(), backbone.spec))
+    for batch_size in (1, 3, 11, 64):
+        assert torch.allclose(encode_crops(backbone, image, boxes, batch_size=batch_size), whole, atol=1e-6)
+    reversed_ = encode_crops(backbone, image, boxes.flip(0), batch_size=4)
+    assert torch.allclose(reversed_, whole.flip(0), atol=1e-6)
+
+
+def test_crop_features_match_open_clips_transform_of_each_crop(grounder):
+    backbone = grounder.backbone
+    image = draw_scene()
+    boxes = torch.tensor([[10.0, 10.0, 300.0, 40.0], [50.0, 5.0, 70.0, 235.0], [0.0, 0.0, 320.0, 240.0]] + SCENE_BOXES)
+    ours = encode_crops(backbone, image, boxes)
+    reference = torch.cat([backbone.encode_images([crop(image, b)]) for b in boxes.tolist()])
+    assert torch.allclose(ours, reference, atol=1e-6)
 
 
 def test_ground_many_equals_ground_one_by_one(grounder, named):

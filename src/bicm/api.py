@@ -294,6 +294,7 @@ class Grounder:
         name_with: Optional[str] = None,
         kam: Union[str, Path, None] = None,
         precision: str = "fp32",
+        compile: bool = False,
         **overrides: Any,
     ) -> "Grounder":
         """Load a backbone (see :func:`bicm.backbone.load_backbone`) and build a Grounder.
@@ -301,7 +302,8 @@ class Grounder:
         ``precision`` is the weight dtype of the image encoder for proposal crops and whole
         images: ``"fp32"`` (default: exact), ``"bf16"``, ``"fp16"`` (CUDA) or ``"auto"`` (bf16
         where the GPU or CPU multiplies it natively: several times faster there; the command
-        line's default). QAM's gradient path stays fp32.
+        line's default). QAM's gradient path stays fp32. ``compile=True`` runs that encoder
+        through ``torch.compile`` (compiles on the first image; for long runs).
 
         ``name_with`` (``"vg1600"``, ``"coco80"`` or a vocabulary file) names unnamed
         proposals by CLIP zero-shot classification. ``kam`` is a KAM model file
@@ -311,7 +313,9 @@ class Grounder:
         if config is None and kam is not None:
             config = BiCMConfig(components=COMPONENTS + ("kam",))
         config = (config or BiCMConfig()).replace(**overrides) if overrides else (config or BiCMConfig())
-        backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision)
+        backbone = load_backbone(
+            model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision, compile=compile
+        )
         grounder = cls(backbone, config, kam=kam)
         if name_with is not None:
             grounder.namer = ClipNamer(backbone, name_with, encode_text=grounder.encoder.text)

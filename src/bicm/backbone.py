@@ -52,6 +52,7 @@ __all__ = [
     "PreprocessSpec",
     "load_backbone",
     "preprocess",
+    "preprocess_many",
     "save_checkpoint",
     "DEFAULT_MODEL",
     "DEFAULT_PRETRAINED",
@@ -208,6 +209,26 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> tuple[torch.Tensor, 
     pixels: ``(3, H_in, W_in)`` float32, normalised.
     geometry: where the original pixels went.
     """
+    fitted, geometry = _fit(image, spec)
+    return _normalise(np.array(fitted, dtype=np.uint8)[None], spec)[0], geometry
+
+
+def preprocess_many(images: Sequence[Image.Image], spec: PreprocessSpec) -> torch.Tensor:
+    """:func:`preprocess` of many RGB images into one batch, normalised in one step.
+
+    Returns
+    -------
+    ``(N, 3, H_in, W_in)`` float32, normalised.
+    """
+    ih, iw = spec.size
+    batch = np.empty((len(images), ih, iw, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        batch[i] = np.asarray(_fit(image, spec)[0], dtype=np.uint8)
+    return _normalise(batch, spec)
+
+
+def _fit(image: Image.Image, spec: PreprocessSpec) -> tuple[Image.Image, Geometry]:
+    """The resized and cropped/padded RGB image the model sees (``spec.size``), and its geometry."""
     geometry = geometry_for(image.width, image.height, spec)
     ih, iw = spec.size
     rw, rh = geometry.resized_width, geometry.resized_height
@@ -215,14 +236,16 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> tuple[torch.Tensor, 
         # An extreme aspect ratio (a 1x5000 image or crop becomes 224x1,120,000 pixels, 750 MB,
         # when its short side is resized): resize only the part that lands on the model's input.
         # Pillow samples the same positions with the same filter (the 8-bit rounding between its
-        # two passes may differ by a few levels), in constant memory.
+        # two passes may differ, and Pillow 13 was seen to differ by up to ~15 levels on some
+        # upsampling boxes: this is why ordinary images and crops are resized whole), in
+        # constant memory.
         x0, y0 = max(geometry.left, 0), max(geometry.top, 0)
         x1, y1 = min(geometry.left + iw, rw), min(geometry.top + ih, rh)
         region = (x0 / geometry.scale_x, y0 / geometry.scale_y, x1 / geometry.scale_x, y1 / geometry.scale_y)
         part = image.resize((x1 - x0, y1 - y0), _INTERPOLATION[spec.interpolation], box=region)
         canvas = Image.new("RGB", (iw, ih), (spec.fill,) * 3)
         canvas.paste(part, (x0 - geometry.left, y0 - geometry.top))
-        return _to_tensor(canvas, spec), geometry
+        return canvas, geometry
     resized = image
     if (rw, rh) != image.size:
         resized = image.resize((rw, rh), _INTERPOLATION[spec.interpolation])
@@ -230,7 +253,7 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> tuple[torch.Tensor, 
         canvas = Image.new("RGB", (iw, ih), (spec.fill,) * 3)
         canvas.paste(resized, (-geometry.left, -geometry.top))
         resized = canvas
-    return _to_tensor(resized, spec), geometry
+    return resized, geometry
 
 
 #: Above this many times the model's input area (aspect ratios beyond 64:1 under "shortest"),
@@ -238,12 +261,12 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> tuple[torch.Tensor, 
 _FULL_RESIZE_LIMIT = 64
 
 
-def _to_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    pixels = array.to(torch.float32).div_(255.0)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    return pixels.sub_(mean).div_(std)
+def _normalise(batch: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 with CLIP's mean/std."""
+    pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return pixels.div_(255.0).sub_(mean).div_(std)
 
 
 # --------------------------------------------------------------------------------------
@@ -268,10 +291,15 @@ class Backbone:
     #: is fp32; ``torch.bfloat16`` / ``torch.float16`` run a low-precision COPY of the image
     #: tower. QAM's gradient path and the text encoder always use the fp32 model.
     precision: Optional[torch.dtype] = None
+    #: Run the no-gradient image encoder through ``torch.compile`` (the first batch compiles:
+    #: tens of seconds on a CPU; worth it for long runs). Falls back to eager, with a warning,
+    #: where compiling fails (no C++ compiler, unsupported model).
+    compiled: bool = False
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
         self._fast_visual: Optional[torch.nn.Module] = None
+        self._compiled_visual: Optional[torch.nn.Module] = None
 
     # ---- facts -----------------------------------------------------------------------
     @property
@@ -324,12 +352,18 @@ class Backbone:
 
     def image_encoder(self) -> torch.nn.Module:
         """The image tower that :meth:`encode_pixels` runs: the model's own (fp32), or a copy
-        with weights in :attr:`precision`, made on first use and kept."""
-        if self.precision is None:
-            return self.model.visual
-        if self._fast_visual is None:
-            self._fast_visual = copy.deepcopy(self.model.visual).to(self.precision).eval().requires_grad_(False)
-        return self._fast_visual
+        with weights in :attr:`precision`, made on first use and kept; wrapped by
+        ``torch.compile`` when :attr:`compiled` (same weights, compiled on the first call)."""
+        visual = self.model.visual
+        if self.precision is not None:
+            if self._fast_visual is None:
+                self._fast_visual = copy.deepcopy(self.model.visual).to(self.precision).eval().requires_grad_(False)
+            visual = self._fast_visual
+        if not self.compiled:
+            return visual
+        if self._compiled_visual is None:
+            self._compiled_visual = torch.compile(visual)
+        return self._compiled_visual
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the encoders (no-op in fp32)."""
@@ -367,18 +401,30 @@ class Backbone:
     def encode_pixels(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Encode preprocessed images ``(N, 3, H, W)``. Returns ``(N, E)`` L2-normalised."""
         out = []
-        visual = self.image_encoder()
         for start in range(0, pixels.shape[0], batch_size):
             chunk = pixels[start : start + batch_size].to(self.device, non_blocking=True)
-            if self.precision is not None:
-                feats = visual(chunk.to(self.precision))
-            else:
-                with self.autocast():
-                    feats = visual(chunk)
-            out.append(F.normalize(feats.float(), dim=-1))
+            out.append(F.normalize(self._encode_chunk(chunk).float(), dim=-1))
         if not out:
             return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.cat(out)
+
+    def _encode_chunk(self, chunk: torch.Tensor) -> torch.Tensor:
+        visual = self.image_encoder()
+        if self.precision is not None:
+            chunk = chunk.to(self.precision)
+        if visual is self._compiled_visual:
+            torch._dynamo.maybe_mark_dynamic(chunk, 0)  # one graph for every batch size
+            try:
+                return visual(chunk)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager model still works
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                warn(f"torch.compile failed ({type(exc).__name__}: {first}); encoding images without it")
+                self.compiled, self._compiled_visual = False, None
+                visual = self.image_encoder()
+        if self.precision is not None:
+            return visual(chunk)
+        with self.autocast():
+            return visual(chunk)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
         """Preprocess and encode RGB images. Returns ``(N, E)`` L2-normalised."""
@@ -386,7 +432,7 @@ class Backbone:
             return torch.zeros(0, self.embed_dim, device=self.device)
         out = []
         for start in range(0, len(images), batch_size):
-            pixels = torch.stack([preprocess(im, self.spec)[0] for im in images[start : start + batch_size]])
+            pixels = preprocess_many(images[start : start + batch_size], self.spec)
             out.append(self.encode_pixels(pixels, batch_size))
         return torch.cat(out)
 
@@ -525,6 +571,7 @@ def load_backbone(
     quick_gelu: Optional[bool] = None,
     cache_dir: Optional[str] = None,
     precision: Optional[str] = "fp32",
+    compile: bool = False,
 ) -> Backbone:
     """Load a CLIP backbone.
 
@@ -550,6 +597,8 @@ def load_backbone(
         Weights of the image encoder for proposal crops and whole images: ``"fp32"``,
         ``"bf16"``, ``"fp16"`` (CUDA) or ``"auto"`` (see :func:`resolve_precision`). QAM's
         gradient path stays fp32 whatever this is.
+    compile:
+        Run that image encoder through ``torch.compile`` (see :attr:`Backbone.compiled`).
     """
     import open_clip
 
@@ -571,7 +620,7 @@ def load_backbone(
     else:
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length or 77)
     clip = clip.to(dev).float()
-    return Backbone(clip, tokenizer, spec, dev, display_name or name, amp_dtype, cfg, precision=weights_dtype)
+    return Backbone(clip, tokenizer, spec, dev, display_name or name, amp_dtype, cfg, precision=weights_dtype, compiled=compile)
 
 
 def shapes_weights() -> Path:

@@ -46,6 +46,16 @@ SsModeOpt = Literal["fast", "quality"]
 FileFormatOpt = Literal["auto", "bicm", "reclip", "tsv"]
 
 
+def _use_threads(threads: int) -> None:
+    """torch's intra-op threads for this process (0 leaves torch's default: one per core)."""
+    if threads < 0:
+        raise BicmError(f"--threads must be 0 (torch's default) or more, not {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def user_errors(func: F) -> F:
     """Turn :class:`BicmError` into one line on stderr and exit code 2; show warnings as lines."""
 
@@ -112,6 +122,14 @@ PRECISION_OPT = typer.Option(
     help="Weights of the image encoder for crops and whole images: auto (bf16 where the GPU or CPU does bf16 natively, "
     "else fp32), fp32, bf16, fp16 (CUDA). QAM's gradient path stays fp32.",
 )
+THREADS_OPT = typer.Option(
+    0, envvar="BICM_THREADS", help="CPU threads for torch's matrix work [default: 0, torch's choice: one per core]."
+)
+COMPILE_OPT = typer.Option(
+    False, "--compile", envvar="BICM_COMPILE",
+    help="Run the crop/image encoder through torch.compile: compiling takes tens of seconds on the first image, "
+    "then crops encode faster (for long runs).",
+)
 KAM_OPT = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam' (adds lambda_k * S_KAM, Eq. 11).")
 LAMBDA_K_OPT = typer.Option(1.0, help="Weight of the KAM score S_KAM.")
 MAX_PIXELS_OPT = typer.Option(
@@ -173,6 +191,7 @@ def ground(
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
     precision: PrecisionOpt = PRECISION_OPT,
+    threads: int = THREADS_OPT,
     components: str = typer.Option("qam,com,sf", help="Comma-separated components: qam, com, sf (kam is added by --kam)."),
     kam: Optional[Path] = KAM_OPT,
     lambda_k: float = LAMBDA_K_OPT,
@@ -193,6 +212,7 @@ def ground(
     max_proposals: int = MAX_PROPOSALS_OPT,
 ) -> None:
     """Ground phrases in an image: print the box each phrase describes."""
+    _use_threads(threads)
     from .api import BiCMConfig, Grounder
     from .imageio import DEFAULT_MAX_PIXELS, load_image
     from .proposals import Proposals
@@ -290,6 +310,8 @@ def evaluate_command(
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
     precision: PrecisionOpt = PRECISION_OPT,
+    threads: int = THREADS_OPT,
+    compile_: bool = COMPILE_OPT,
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
     lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
     kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': adds the QAM+COM+SF+KAM row."),
@@ -300,6 +322,8 @@ def evaluate_command(
 ) -> None:
     """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
     import os
+
+    _use_threads(threads)
 
     from .api import BiCMConfig, Grounder
     from .backbone import load_backbone
@@ -336,7 +360,9 @@ def evaluate_command(
             top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
         )
         source = make_source(proposals, **options)
-    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision)
+    backbone = load_backbone(
+        model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision, compile=compile_
+    )
     grounder = Grounder(backbone, base, cache=feature_cache, kam=kam)
     if name_with is not None:
         grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
@@ -458,6 +484,8 @@ def pseudo_label_command(
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
     precision: PrecisionOpt = PRECISION_OPT,
+    threads: int = THREADS_OPT,
+    compile_: bool = COMPILE_OPT,
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
     lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
     selection: SelectionOpt = typer.Option("argmax", help="How the labelled box is chosen from the candidates."),
@@ -472,6 +500,7 @@ def pseudo_label_command(
     from .proposals.sources import make_source
     from .pseudo import dataset_unpaired, read_image_list, read_query_list, run_pseudo_label, shapes_unpaired
 
+    _use_threads(threads)
     if limit is not None and limit < 1:
         raise BicmError("--limit must be at least 1")
     if dataset == "shapes":
@@ -495,7 +524,9 @@ def pseudo_label_command(
     config = BiCMConfig(components=comps, thr_a=thr_a, lambda_t=lambda_t, selection=selection)
     options = _source_options(top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device)
     source = make_source(proposals, **options)
-    backbone = load_backbone(model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision)
+    backbone = load_backbone(
+        model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision, compile=compile_
+    )
     grounder = Grounder(backbone, config, cache=_feature_cache(cache, no_cache))
     if name_with is not None:
         grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
@@ -525,6 +556,7 @@ def train_kam_command(
     batch_pairs: int = typer.Option(32, help="Image-query pairs per step."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the shuffling."),
     no_names: bool = typer.Option(False, "--no-names", help="Train without the class-name input fc_r (zeros)."),
+    threads: int = THREADS_OPT,
 ) -> None:
     """KAM step 2: train the MLP of Fig. 3 on stored pseudo labels (no CLIP needed).
 
@@ -537,6 +569,7 @@ def train_kam_command(
     from .kam import KamConfig, KamModel, save_curve, train_kam
     from .pseudo import read_kam_pairs
 
+    _use_threads(threads)
     config = KamConfig(hidden=hidden, epochs=epochs, lr=lr, batch_pairs=batch_pairs, seed=seed)
     pairs, info = read_kam_pairs(run, thr_k)
     use_names = not no_names and all(p.fc is not None for p in pairs)
@@ -772,6 +805,7 @@ def serve(
     device: str = DEVICE_OPT,
     amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
     precision: PrecisionOpt = PRECISION_OPT,
+    threads: int = THREADS_OPT,
     name_with: Optional[str] = typer.Option(
         None, help="Name proposals by CLIP over vg1600, coco80 or a text file [default: shapes with the shapes model]."
     ),
@@ -787,6 +821,7 @@ def serve(
     """Web demo: a local page to ground phrases in an uploaded image or a bundled example."""
     from .serve import ServeLimits, serve_command
 
+    _use_threads(threads)
     limits = ServeLimits(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=max_image_pixels,

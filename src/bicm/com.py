@@ -11,15 +11,16 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from PIL import Image
 
-from .backbone import Backbone, PreprocessSpec, preprocess
+from .backbone import Backbone, PreprocessSpec, preprocess_many
 from .errors import BicmError
 
-__all__ = ["ComMode", "crop", "encode_crops", "ClassNameEncoder", "bottom_up"]
+__all__ = ["ComMode", "crop", "crop_pixels", "encode_crops", "ClassNameEncoder", "bottom_up"]
 
 ComMode = Literal["both", "class", "visual"]
 
@@ -34,6 +35,12 @@ def crop(image: Image.Image, box: Sequence[float]) -> Image.Image:
     return image.crop((left, top, right, bottom))
 
 
+def crop_pixels(image: Image.Image, boxes: Sequence[Sequence[float]], spec: PreprocessSpec) -> torch.Tensor:
+    """The model inputs of box crops: ``(N, 3, H_in, W_in)`` float32, open_clip's eval
+    transform of each crop, normalised in one step."""
+    return preprocess_many([crop(image, box) for box in boxes], spec)
+
+
 def encode_crops(
     backbone: Backbone,
     image: Image.Image,
@@ -42,6 +49,9 @@ def encode_crops(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """CLIP embeddings of box crops.
+
+    Crops are cut and resized in batches of ``batch_size``; the next batch is prepared on a
+    worker thread while the current one is encoded (Pillow and torch both release the GIL).
 
     Parameters
     ----------
@@ -55,11 +65,17 @@ def encode_crops(
     spec = spec or backbone.spec
     if boxes.shape[0] == 0:
         return torch.zeros(0, backbone.embed_dim, device=backbone.device)
+    chunks = [boxes[start : start + batch_size].tolist() for start in range(0, boxes.shape[0], batch_size)]
+    if len(chunks) == 1:
+        return backbone.encode_pixels(crop_pixels(image, chunks[0], spec), batch_size)
     out = []
-    for start in range(0, boxes.shape[0], batch_size):
-        chunk = boxes[start : start + batch_size].tolist()
-        pixels = torch.stack([preprocess(crop(image, box), spec)[0] for box in chunk])
-        out.append(backbone.encode_pixels(pixels, batch_size))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicm-crops") as pool:
+        pending = pool.submit(crop_pixels, image, chunks[0], spec)
+        for following in chunks[1:] + [None]:
+            pixels = pending.result()
+            if following is not None:
+                pending = pool.submit(crop_pixels, image, following, spec)
+            out.append(backbone.encode_pixels(pixels, batch_size))
     return torch.cat(out)
 
 

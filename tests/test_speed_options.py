@@ -1,0 +1,93 @@
+"""Speed settings that must not change results: torch.compile of the crop/image encoder (and
+its fallback), the thread count, batched crop preparation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bicm import BicmWarning
+from bicm.backbone import preprocess
+from bicm.cli import app
+from bicm.qam import compute_maps
+
+from .conftest import draw_scene, make_backbone
+
+
+def test_compiled_encoder_gives_the_eager_features_for_every_batch_size():
+    eager = make_backbone()
+    compiled = dataclasses.replace(eager, compiled=True)
+    pixels = torch.randn(7, 3, 64, 64)
+    encoder = compiled.image_encoder()
+    assert encoder is not eager.model.visual and getattr(encoder, "_orig_mod", None) is eager.model.visual
+    for batch in (4, 7, 1):  # 4+3, 7, 1x7: one dynamic-batch graph (size 1 may specialise)
+        assert torch.allclose(compiled.encode_pixels(pixels, batch), eager.encode_pixels(pixels, batch), atol=1e-5)
+    assert compiled.compiled  # no fallback happened
+    # QAM's gradient path runs the fp32 model itself, never the compiled wrapper
+    image = draw_scene()
+    px, geometry = preprocess(image, eager.spec)
+    text = eager.encode_text(["a red square"])
+    assert torch.equal(compute_maps(compiled, px, geometry, text, "qa").raw, compute_maps(eager, px, geometry, text, "qa").raw)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(module):
+        def run(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler\nlong details")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    backbone = dataclasses.replace(make_backbone(), compiled=True)
+    pixels = torch.randn(3, 3, 64, 64)
+    with pytest.warns(BicmWarning, match=r"torch.compile failed \(RuntimeError: InductorError: no working C\+\+ compiler\)"):
+        feats = backbone.encode_pixels(pixels)
+    assert torch.allclose(feats, make_backbone().encode_pixels(pixels), atol=1e-6)
+    assert not backbone.compiled and backbone.image_encoder() is backbone.model.visual
+
+
+@pytest.fixture()
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_option_and_environment(scene_files, tiny_checkpoint, restore_threads):
+    image, dets = scene_files
+    args = ["ground", str(image), "the red square", "-c", str(tiny_checkpoint), "-p", str(dets), "--json"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    result = runner.invoke(app, args, env={"BICM_THREADS": "1"})
+    assert result.exit_code == 0 and torch.get_num_threads() == 1
+    result = runner.invoke(app, [*args, "--threads", "-2"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "bicm: error: --threads must be 0 (torch's default) or more, not -2"
+
+
+def test_eval_compile_option_reaches_the_encoder(tmp_path, tiny_checkpoint, monkeypatch):
+    from .test_evaluate import file_eval
+
+    compiled = []
+
+    def record(module):
+        compiled.append(module)
+        return module  # eager: this test checks the plumbing, the test above the compiler
+
+    monkeypatch.setattr(torch, "compile", record)
+    command = file_eval(tmp_path, tiny_checkpoint, 2)
+    plain = CliRunner().invoke(app, command("a"))
+    assert plain.exit_code == 0, plain.output
+    assert compiled == []
+    result = CliRunner().invoke(app, [*command("b"), "--compile"])
+    assert result.exit_code == 0, result.output
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    summary = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a", "b")]
+    assert summary[0]["rows"] == summary[1]["rows"]
