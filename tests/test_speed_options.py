@@ -91,3 +91,33 @@ def test_eval_compile_option_reaches_the_encoder(tmp_path, tiny_checkpoint, monk
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
     summary = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a", "b")]
     assert summary[0]["rows"] == summary[1]["rows"]
+
+
+def test_crop_batch_follows_the_device_unless_set(monkeypatch):
+    from bicm import BiCMConfig, Grounder, Proposals
+    from bicm.api import default_crop_batch
+    from bicm.encoder import Encoder
+
+    assert default_crop_batch(torch.device("cpu")) == 64 and default_crop_batch(torch.device("cuda", 0)) == 256
+    grounder = Grounder(make_backbone())
+    seen = []
+    real = Encoder.crops
+    monkeypatch.setattr(Encoder, "crops", lambda self, *a, **k: seen.append(a[3]) or real(self, *a, **k))
+    boxes = Proposals(torch.tensor([[10.0, 10.0, 90.0, 90.0], [100.0, 50.0, 300.0, 200.0]]), class_names=["a", "b"])
+    grounder.ground(draw_scene(), "a red square", boxes)
+    grounder.with_config(crop_batch_size=5).ground(draw_scene(), "a red square", boxes)
+    assert seen == [64, 64, 5, 5]  # proposals, then QAM's box P_t
+    with pytest.raises(Exception, match="crop batch size must be at least 1"):
+        BiCMConfig(crop_batch_size=0)
+
+
+def test_runs_differing_only_in_crop_batch_are_the_same_work():
+    from bicm import BiCMConfig
+    from bicm.api import config_dict
+    from bicm.evaluate import EvalRun
+
+    def run(**config):
+        return EvalRun("d", "s", "p", "m", ["QAM"], config_dict(BiCMConfig(**config)))
+
+    assert run().same_work(run(crop_batch_size=16))
+    assert not run().same_work(run(thr_a=0.5))

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torchvision.ops import box_iou
 
-from .api import BiCMConfig, Grounder, config_dict
+from .api import BiCMConfig, Grounder, config_dict, same_method
 from .atomic import atomic_write_text
 from .data import GroundingSample
 from .errors import BicmError, warn
@@ -154,7 +154,8 @@ class EvalRun:
 
     def same_work(self, other: "EvalRun") -> bool:
         mine, theirs = asdict(self), asdict(other)
-        return all(mine[k] == theirs[k] for k in ("dataset", "split", "proposals", "model", "rows", "config", "kam"))
+        same = all(mine[k] == theirs[k] for k in ("dataset", "split", "proposals", "model", "rows", "kam"))
+        return same and same_method(self.config, other.config)
 
 
 def _group_by_image(samples: Sequence[GroundingSample]) -> "OrderedDict[str, list[GroundingSample]]":

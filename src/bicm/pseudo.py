@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torchvision.ops import box_iou
 
-from .api import BiCMConfig, Grounder, config_dict
+from .api import BiCMConfig, Grounder, config_dict, same_method
 from .atomic import atomic_write_text
 from .cache import FeatureCache
 from .errors import BicmError, warn
@@ -72,7 +72,8 @@ class PseudoRun:
     def same_work(self, other: "PseudoRun") -> bool:
         mine, theirs = asdict(self), asdict(other)
         # Thr_k only filters, and a --limit run is a prefix of the full one: both may change on resume
-        return all(mine[k] == theirs[k] for k in mine if k not in ("thr_k", "n_images"))
+        same = all(mine[k] == theirs[k] for k in mine if k not in ("thr_k", "n_images", "config"))
+        return same and same_method(self.config, other.config)
 
 
 def best_queries(
