@@ -42,11 +42,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], help="fp16 only on CUDA.")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     base = random_vit_b32(args.device)
-    precisions = {"fp32": None, "bf16": torch.bfloat16} | ({"fp16": torch.float16} if device.type == "cuda" else {})
+    known = {"fp32": None, "bf16": torch.bfloat16} | ({"fp16": torch.float16} if device.type == "cuda" else {})
+    precisions = {name: known[name] for name in args.precisions if name in known}
     n = max(args.batches)
     pixels = torch.randn(n, 3, 224, 224, device=device)
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
