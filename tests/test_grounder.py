@@ -219,3 +219,37 @@ def test_resize_mode_override_sees_the_whole_image(grounder, named):
     assert crop_view.view_box == pytest.approx((10 / scale, 0.0, 74 / scale, 240.0))
     assert squash.view_box == (0.0, 0.0, 320.0, 240.0)
     assert squash.attention[:, :30].max() > 0  # squash keeps every pixel in view
+
+
+def test_queries_stream_in_chunks_with_the_same_results(grounder, named, monkeypatch):
+    """query_chunk only bounds memory: the results are those of one piece, the per-image work
+    (the proposal crops) is done once, and a chunk's maps are gone once the next is made."""
+    import weakref
+
+    image = draw_scene()
+    queries = [f"{q} {i}" for i in range(3) for q in QUERIES]  # 9 queries
+    whole = grounder.ground_many(image, queries, named)
+    crop_calls = []
+    real = grounder.encoder.crops
+    monkeypatch.setattr(grounder.encoder, "crops", lambda im, boxes, *a, **k: crop_calls.append(len(boxes)) or real(im, boxes, *a, **k))
+    chunked = grounder.with_config(query_chunk=2)
+    monkeypatch.setattr(chunked, "encoder", grounder.encoder)
+    parts = chunked.ground_many(image, queries, named)
+    assert [r.query for r in parts] == queries
+    for a, b in zip(whole, parts):
+        assert a.box == b.box and a.qam_box == b.qam_box
+        assert torch.allclose(a.candidates.fused, b.candidates.fused, atol=1e-5)
+        assert torch.allclose(a.attention_raw, b.attention_raw, atol=1e-7)
+    assert crop_calls[0] == len(named)  # the proposals' crops once; then only each chunk's QAM boxes
+    assert all(n <= 2 for n in crop_calls[1:]) and len(crop_calls) <= 1 + 5
+    chunks = chunked.iter_extract(image, queries, named)
+    first = next(chunks)
+    assert len(first.queries) == 2 and first.maps["qa"].raw.shape[0] == 2
+    held = weakref.ref(first.maps["qa"].raw)
+    del first
+    second = next(chunks)
+    assert held() is None  # gone before the next chunk's maps were made
+    sizes = [len(second.queries)] + [len(f.queries) for f in chunks]
+    assert sizes == [2, 2, 2, 1]
+    with pytest.raises(BicmError, match="query chunk"):
+        grounder.with_config(query_chunk=0)

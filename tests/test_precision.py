@@ -79,3 +79,43 @@ def test_cli_precision_option_and_environment(scene_files, tiny_checkpoint):
     assert all(abs(x - y) < 0.01 for x, y in s_pq) and any(x != y for x, y in s_pq)  # crops: bf16
     result = runner.invoke(app, args, env={"BICM_PRECISION": "fp16"})
     assert result.exit_code == 2 and "fp16 (weights) needs a CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_fast_tower_computes_the_same_function(quick_gelu):
+    """The rewritten tower (QuickGELU folded into SiLU, patch embedding as a matmul), kept in
+    fp32 here, gives the original tower's output; the original is left as it was."""
+    from open_clip.transformer import QuickGELU
+
+    from bicm.backbone import _PatchProjection, fast_image_tower
+
+    from .conftest import TINY_CFG, make_model
+
+    model = make_model({**TINY_CFG, "quick_gelu": quick_gelu})
+    visual = model.visual
+    before = {k: v.clone() for k, v in visual.state_dict().items()}
+    tower = fast_image_tower(visual, torch.float32)
+    assert isinstance(tower.conv1, _PatchProjection)
+    acts = [type(block.mlp.gelu) for block in tower.transformer.resblocks]
+    assert acts == [torch.nn.SiLU if quick_gelu else torch.nn.GELU] * len(acts)
+    assert any(isinstance(m, QuickGELU) for m in visual.modules()) == quick_gelu  # the original keeps its own
+    torch.manual_seed(1)
+    pixels = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(pixels), visual(pixels), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
+
+
+def test_patch_projection_equals_the_convolution_on_any_size():
+    """Also where the image is not a whole number of patches (the convolution drops the rest)."""
+    from bicm.backbone import _PatchProjection
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=(4, 5), stride=(4, 5), bias=True)
+    proj = _PatchProjection(conv)
+    for h, w in [(16, 20), (18, 23), (4, 5)]:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(proj(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert not _PatchProjection.applies_to(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2))
+    assert not _PatchProjection.applies_to(torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, padding=1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -66,6 +66,11 @@ class BiCMConfig:
     crop_batch_size: crops per CLIP forward; ``None`` (default): by device, 64 on a CPU (the
         GEMM rate is flat beyond it there) and 256 on a GPU (an image's proposals in one batch).
         A speed setting only: the features are the same.
+    query_chunk: queries whose attention maps are computed and scored together (32). The
+        per-image work (proposals, crops, class names) is done once; the maps, QAM's backward
+        and the S_TD tables exist for one chunk at a time, so a pass over an image with many
+        queries (:func:`bicm.evaluate.evaluate`) holds at most this many maps. A memory
+        setting only: the results are the same.
     min_box_size: boxes narrower or shorter than this (pixels, after clipping) are dropped.
     qam_resize, crop_resize: override the model's resize mode (``"shortest"`` + center
         crop, ``"squash"``, ``"longest"`` + pad) for the whole-image view and for crops.
@@ -90,6 +95,7 @@ class BiCMConfig:
     selection: SelectionPolicy = "argmax"
     class_prompt: str = "{}"
     crop_batch_size: Optional[int] = None
+    query_chunk: int = 32
     min_box_size: float = 1.0
     qam_resize: Optional[str] = None
     crop_resize: Optional[str] = None
@@ -120,6 +126,8 @@ class BiCMConfig:
             raise BicmError(f"thr_a must be within [0, 1], got {self.thr_a}")
         if self.crop_batch_size is not None and self.crop_batch_size < 1:
             raise BicmError("crop batch size must be at least 1")
+        if self.query_chunk < 1:
+            raise BicmError("query chunk must be at least 1")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise BicmError(f"max_pixels must be at least 1 (or None for no limit), got {self.max_pixels}")
         if self.max_proposals is not None and self.max_proposals < 1:
@@ -356,9 +364,11 @@ class Grounder:
 
         Returns
         -------
-        One :class:`GroundingResult` per query, in order.
+        One :class:`GroundingResult` per query, in order. Queries are processed
+        ``config.query_chunk`` at a time after the per-image work (see :meth:`iter_extract`).
         """
-        return self.score(self.extract(image, queries, proposals))
+        chunks = self.iter_extract(image, queries, proposals, chunk=self.config.query_chunk)
+        return [result for features in chunks for result in self.score(features)]
 
     def extract(
         self,
@@ -379,6 +389,31 @@ class Grounder:
         ``visual=True`` (crop embeddings), ``names=True`` (class-name embeddings),
         ``kam=True`` (the whole-image embedding and everything KAM's MLP reads).
         ``image_key`` names the image for file-based proposal sources (default: its path).
+        All queries in one piece; :meth:`iter_extract` streams them.
+        """
+        needs = dict(kinds=kinds, visual=visual, names=names, image_key=image_key, kam=kam)
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        return next(iter(self.iter_extract(image, queries, proposals, chunk=len(queries), **needs)))
+
+    def iter_extract(
+        self,
+        image: Union[ImageSource, Image.Image],
+        queries: Sequence[str],
+        proposals: ProposalsLike = None,
+        *,
+        chunk: Optional[int] = None,
+        kinds: Optional[Sequence[str]] = None,
+        visual: Optional[bool] = None,
+        names: Optional[bool] = None,
+        image_key: Optional[str] = None,
+        kam: Optional[bool] = None,
+    ) -> Iterator["ImageFeatures"]:
+        """:meth:`extract` streamed over the queries: the per-image work (image, proposals,
+        crop, class-name and whole-image embeddings) is done once, then one
+        :class:`ImageFeatures` is yielded per ``chunk`` queries (default
+        ``config.query_chunk``), in order, sharing those tensors. Only the current chunk's
+        text, attention maps and QAM boxes are made, so memory is bounded by the chunk, not
+        by the number of queries. The work is done as the iterator is consumed.
         """
         cfg = self.config
         comps = cfg.components
@@ -398,6 +433,9 @@ class Grounder:
         if kinds and self.backbone.vit_problem():
             raise BicmError(self.backbone.vit_problem() or "")
         queries = _check_queries(queries)
+        chunk = chunk or cfg.query_chunk
+        if chunk < 1:
+            raise BicmError("query chunk must be at least 1")
         original = load_image(image)
         width, height = original.size
         # Work on at most cfg.max_pixels pixels; boxes in and out stay in ORIGINAL pixels.
@@ -437,37 +475,40 @@ class Grounder:
         if names and props.fully_named and len(props):
             name_feats = self.class_names([c or "" for c in props.class_names or []])
 
-        text = self.encoder.text(queries)  # (Q, E)
         image_feat = self.encoder.image(pil, self.backbone.spec, digest) if kam else None  # (E,)
-        maps: dict[str, AttentionMaps] = {}
-        qam_boxes: dict[str, list[Optional[Box]]] = {}
         view_box: Optional[Box] = None
         if kinds:
             pixels, geometry = preprocess(pil, self.backbone.spec.with_resize_mode(cfg.qam_resize))
             view_box = geometry.visible_box()
+        for start in range(0, len(queries), chunk):
+            part = queries[start : start + chunk]
+            text = self.encoder.text(part)  # (Q, E)
+            maps: dict[str, AttentionMaps] = {}
+            qam_boxes: dict[str, list[Optional[Box]]] = {}
             for kind in kinds:
                 maps[kind] = compute_maps(self.backbone, pixels, geometry, text, kind)  # type: ignore[arg-type]
                 qam_boxes[kind] = _qam_boxes(maps[kind], cfg)
-        qam_crops: dict[Box, torch.Tensor] = {}
-        unique = sorted({b for boxes in qam_boxes.values() for b in boxes if b is not None})
-        if visual and unique:
-            feats = self.encoder.crops(pil, torch.tensor(unique), crop_spec, crop_batch, digest)
-            qam_crops = dict(zip(unique, feats))
-        return ImageFeatures(
-            queries=queries,
-            image_size=(width, height),
-            proposals=props,
-            text=text.to(device),
-            crop_feats=crop_feats,
-            name_feats=name_feats,
-            maps=maps,
-            qam_boxes=qam_boxes,
-            qam_crop_feats=qam_crops,
-            view_box=view_box,
-            notes=notes,
-            image_feat=image_feat,
-            scale=scale,
-        )
+            qam_crops: dict[Box, torch.Tensor] = {}
+            unique = sorted({b for boxes in qam_boxes.values() for b in boxes if b is not None})
+            if visual and unique:
+                feats = self.encoder.crops(pil, torch.tensor(unique), crop_spec, crop_batch, digest)
+                qam_crops = dict(zip(unique, feats))
+            yield ImageFeatures(
+                queries=part,
+                image_size=(width, height),
+                proposals=props,
+                text=text.to(device),
+                crop_feats=crop_feats,
+                name_feats=name_feats,
+                maps=maps,
+                qam_boxes=qam_boxes,
+                qam_crop_feats=qam_crops,
+                view_box=view_box,
+                notes=list(notes),
+                image_feat=image_feat,
+                scale=scale,
+            )
+            del maps, qam_boxes, qam_crops, text  # this chunk's maps go before the next chunk's are made
 
     def score(self, features: "ImageFeatures", config: Optional[BiCMConfig] = None) -> list[GroundingResult]:
         """Fuse and select for every query of ``features`` under ``config`` (default: own).
@@ -804,5 +845,5 @@ def config_dict(config: BiCMConfig) -> dict[str, Any]:
 
 def same_method(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two :func:`config_dict` results give the same results (speed settings aside)."""
-    speed = ("crop_batch_size",)
+    speed = ("crop_batch_size", "query_chunk")
     return {k: v for k, v in a.items() if k not in speed} == {k: v for k, v in b.items() if k not in speed}

@@ -54,6 +54,7 @@ __all__ = [
     "preprocess",
     "preprocess_many",
     "save_checkpoint",
+    "fast_image_tower",
     "DEFAULT_MODEL",
     "DEFAULT_PRETRAINED",
 ]
@@ -357,7 +358,7 @@ class Backbone:
         visual = self.model.visual
         if self.precision is not None:
             if self._fast_visual is None:
-                self._fast_visual = copy.deepcopy(self.model.visual).to(self.precision).eval().requires_grad_(False)
+                self._fast_visual = fast_image_tower(self.model.visual, self.precision)
             visual = self._fast_visual
         if not self.compiled:
             return visual
@@ -435,6 +436,84 @@ class Backbone:
             pixels = preprocess_many(images[start : start + batch_size], self.spec)
             out.append(self.encode_pixels(pixels, batch_size))
         return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------
+# The low-precision image tower
+# --------------------------------------------------------------------------------------
+#: QuickGELU's constant: ``quick_gelu(y) = y * sigmoid(1.702 * y)`` (open_clip, OpenAI CLIP).
+_QUICK_GELU_ALPHA = 1.702
+
+
+class _PatchProjection(torch.nn.Module):
+    """A ViT patch embedding (a convolution whose stride equals its kernel, no padding) as one
+    matrix product over the image's patches.
+
+    Same function as the convolution: ``(N, C, H, W) -> (N, width, H // p, W // p)``. oneDNN
+    runs the bf16 convolution at about a third of its bf16 matmul rate on the CPUs measured
+    (AMX), so the matmul form is faster (benchmarks/README.md).
+    """
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.kernel = (int(conv.kernel_size[0]), int(conv.kernel_size[1]))
+        # (width, C, kh, kw) -> (width, C * kh * kw): the order the patches are flattened in
+        self.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    @staticmethod
+    def applies_to(conv: torch.nn.Module) -> bool:
+        return (
+            type(conv) is torch.nn.Conv2d
+            and tuple(conv.stride) == tuple(conv.kernel_size)
+            and tuple(conv.padding) == (0, 0)
+            and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        kh, kw = self.kernel
+        gh, gw = h // kh, w // kw  # a convolution drops the remainder too
+        patches = x[:, :, : gh * kh, : gw * kw].reshape(n, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
+        out = F.linear(patches.reshape(n, gh * gw, c * kh * kw), self.weight, self.bias)  # (N, gh*gw, width)
+        return out.view(n, gh, gw, -1).permute(0, 3, 1, 2)  # the convolution's layout, as a view
+
+
+def fast_image_tower(visual: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A no-gradient copy of an open_clip image tower with weights in ``dtype``, rewritten to
+    compute the same function faster; ``visual`` itself is left untouched.
+
+    * Every QuickGELU MLP ``c_proj(quick_gelu(c_fc(x)))`` becomes
+      ``(c_proj / 1.702)(silu((1.702 c_fc)(x)))``: since ``silu(z) = z sigmoid(z)``,
+      ``silu(1.702 y) / 1.702 = y sigmoid(1.702 y)`` exactly. The scales are folded into the
+      weights in fp32, before the cast, so one in-place SiLU kernel replaces QuickGELU's three
+      passes (``1.702 * y``, ``sigmoid``, ``*``) and their temporaries.
+    * The patch embedding becomes a matrix product (:class:`_PatchProjection`).
+
+    Any other tower (a ResNet, other activations) is only copied and cast. Measured on a
+    2-core AMX Xeon, bf16, ViT-B-32, batches of 64: +13% crops/s from the MLP rewrite and a
+    further +3% from the patch projection; embeddings within cosine 0.9999 of fp32.
+    """
+    from open_clip.transformer import QuickGELU
+
+    tower = copy.deepcopy(visual).float().eval().requires_grad_(False)
+    with torch.no_grad():
+        for module in list(tower.modules()):
+            mlp = module
+            if not isinstance(mlp, torch.nn.Sequential):
+                continue
+            c_fc, act, c_proj = (getattr(mlp, name, None) for name in ("c_fc", "gelu", "c_proj"))
+            if isinstance(c_fc, torch.nn.Linear) and isinstance(act, QuickGELU) and isinstance(c_proj, torch.nn.Linear):
+                c_fc.weight.mul_(_QUICK_GELU_ALPHA)
+                if c_fc.bias is not None:
+                    c_fc.bias.mul_(_QUICK_GELU_ALPHA)
+                c_proj.weight.div_(_QUICK_GELU_ALPHA)
+                mlp.gelu = torch.nn.SiLU(inplace=True)
+        if _PatchProjection.applies_to(getattr(tower, "conv1", None)):
+            tower.conv1 = _PatchProjection(tower.conv1)
+    return tower.to(dtype).eval().requires_grad_(False)
 
 
 def _clip_text(text: str, n: int = 40) -> str:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torchvision.ops import box_iou
 
-from .api import BiCMConfig, Grounder, config_dict, same_method
+from .api import BiCMConfig, Grounder, ImageFeatures, config_dict, same_method
 from .atomic import atomic_write_text
 from .data import GroundingSample
 from .errors import BicmError, warn
@@ -290,15 +290,32 @@ def _evaluate_image(
     needs: dict[str, Any],
     source: Union[ProposalSource, str, None],
 ) -> list[dict[str, Any]]:
+    queries = [s.query for s in group]
+    records: list[dict[str, Any]] = []
     try:
         pil = load_image(image_root / image_file, exif_transpose=False)  # annotations use the stored pixels
         props: Any = _oracle(group) if source == "oracle" else source
-        features = grounder.extract(pil, [s.query for s in group], props, image_key=image_file, **needs)
+        # the per-image work once, then the queries chunk by chunk (config.query_chunk): only
+        # one chunk's attention maps exist at a time, however many queries the image has
+        for features in grounder.iter_extract(pil, queries, props, image_key=image_file, **needs):
+            part = group[len(records) : len(records) + len(features.queries)]
+            records.extend(_score_chunk(grounder, image_file, part, features, rows))
     except BicmError as exc:  # one bad image must not end a dataset run
-        return [
+        return records + [
             {"id": s.sample_id, "image": image_file, "query": s.query, "gt": list(s.box), "rows": {}, "error": str(exc)}
-            for s in group
+            for s in group[len(records) :]
         ]
+    return records
+
+
+def _score_chunk(
+    grounder: Grounder,
+    image_file: str,
+    group: Sequence[GroundingSample],
+    features: ImageFeatures,
+    rows: Sequence[tuple[str, BiCMConfig]],
+) -> list[dict[str, Any]]:
+    """The prediction records of ``group``, the queries of ``features``, under every row."""
     scored: dict[str, Any] = {}
     for name, cfg in rows:
         try:
