@@ -17,7 +17,8 @@ It measures, in order:
    crop/image encoder, whose one-off compile time is reported apart, not in the timing; when
    that candidate is slower end to end than the default, the default is reported as the
    fastest and the candidate under "candidate");
-4. crop encoding alone (100 crops), to compare with the GEMM rate;
+4. crop encoding alone (100 crops), to compare with the GEMM rate, in `--crop-rounds` rounds
+   that each pair one timing with the probes around it (median over the rounds);
 5. the naive fp32 reference of `naive_pipeline.py` on the first `--naive-images` images
    (per query it redoes everything; its time per image is the same for every image, so the
    ratio uses time per image), and checks it chooses the same boxes as the pipeline.
@@ -159,7 +160,7 @@ def run_pipeline(grounder: Grounder, items, queries, probe: Probe, flops_crop: i
     """Time ``ground_many`` image by image, with GEMM probes before each image and after the
     last (not timed). Returns the time, the answers, the FLOPs and the floor from the rates
     probed around each image."""
-    answers, seconds, floor, floor_best_parts, flops = [], 0.0, 0.0, [0, 0], 0
+    answers, seconds, floor, floor_best_parts, flops, ratios = [], 0.0, 0.0, [0, 0], 0, []
     before = probe()
     for image, proposals in items:
         grounder.class_names._cache.clear()  # each image's class names are encoded as if new
@@ -167,16 +168,19 @@ def run_pipeline(grounder: Grounder, items, queries, probe: Probe, flops_crop: i
             start = time.perf_counter()
             answers.append([r.box for r in grounder.ground_many(image, queries, proposals)])
             sync(grounder.backbone.device)
-            seconds += time.perf_counter() - start
+            took = time.perf_counter() - start
+        seconds += took
         after = probe()
         rates = mean_rates(before, after)
         f_tower = rows.rows * flops_crop
-        floor += f_tower / (rates[tower] * 1e9) + flops_rest / (rates["fp32"] * 1e9)
+        image_floor = f_tower / (rates[tower] * 1e9) + flops_rest / (rates["fp32"] * 1e9)
+        floor += image_floor
+        ratios.append(took / image_floor)
         floor_best_parts[0] += f_tower
         floor_best_parts[1] += flops_rest
         flops += f_tower + flops_rest
         before = after
-    return {"seconds": seconds, "answers": answers, "floor_seconds": floor, "flops": flops,
+    return {"seconds": seconds, "answers": answers, "floor_seconds": floor, "flops": flops, "image_ratios": ratios,
             "flops_tower": floor_best_parts[0], "flops_rest": floor_best_parts[1]}
 
 
@@ -211,6 +215,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-compile", action="store_true", help="The fastest setting without torch.compile.")
+    parser.add_argument("--crop-rounds", type=int, default=10, help="Paired (crop timing, GEMM probe) rounds.")
     args = parser.parse_args()
     device = torch.device(args.device)
     queries = (QUERIES * 10)[: args.queries]
@@ -265,15 +270,20 @@ def main() -> None:
         warmup = time.perf_counter() - start
         run = run_pipeline(grounder, items, queries, probe, flops_crop, flops_rest, name)
         seconds = run["seconds"]
-        # 4. crop encoding alone (100 crops), between probes
-        crop_rates_before = probe()
-        crops_t = []
-        for _ in range(3):
+        # 4. crop encoding alone (100 crops), in rounds that each pair one timing with the
+        #    probes just before and after it; the fraction is the median over the rounds
+        crops_t, crop_fractions, crop_probe = [], [], []
+        before = probe()
+        for _ in range(args.crop_rounds):
             start = time.perf_counter()
             feats = encode_crops(grounder.backbone, image0, props0.boxes)
             sync(device)
             crops_t.append(time.perf_counter() - start)
-        crop_rates = mean_rates(crop_rates_before, probe())
+            after = probe()
+            rate_now = (before[name] + after[name]) / 2
+            crop_probe.append(rate_now)
+            crop_fractions.append(100 * flops_crop / crops_t[-1] / 1e9 / rate_now)
+            before = after
         crop_seconds = float(np.median(crops_t))
         prep_t = []
         for _ in range(3):
@@ -295,8 +305,10 @@ def main() -> None:
             "floor_ratio": seconds / run["floor_seconds"],
             "crops_per_s": 100 / crop_seconds,
             "crop_seconds": crop_seconds,
-            "crop_gemm_rate": crop_rates[name],
-            "crop_gemm_fraction": 100 * flops_crop / crop_seconds / 1e9 / crop_rates[name],
+            "crop_gemm_rate": float(np.median(crop_probe)),
+            "crop_gemm_fraction": float(np.median(crop_fractions)),
+            "crop_gemm_fraction_range": [round(min(crop_fractions), 3), round(max(crop_fractions), 3)],
+            "floor_ratio_median_image": float(np.median(run["image_ratios"])),
             "crop_prep_seconds": float(np.median(prep_t)),
             "crop_min_cosine_to_fp32": float((feats.float() * reference).sum(dim=1).min()),
             "_flops_tower": run["flops_tower"],
@@ -305,9 +317,11 @@ def main() -> None:
         r = results[label]
         print(f"{label} ({name}{', compiled' if compiled else ''}; warm-up {warmup:.1f} s): {seconds:.1f} s, "
               f"{r['queries_per_s']:.2f} queries/s, {r['images_per_s']:.3f} images/s, {r['gflops_achieved']:.1f} GFLOP/s, "
-              f"floor ratio {r['floor_ratio']:.2f} (floor {r['floor_seconds']:.1f} s from the rates around each image); "
+              f"floor ratio {r['floor_ratio']:.2f} (floor {r['floor_seconds']:.1f} s from the rates around each image; median image "
+              f"{r['floor_ratio_median_image']:.2f}); "
               f"crops {r['crops_per_s']:.1f}/s = {100 * r['crop_gemm_fraction']:.0f}% of the {name} GEMM rate around them "
-              f"({crop_rates[name]:.0f} GFLOP/s); cutting and resizing 100 crops alone: {r['crop_prep_seconds']:.2f} s; "
+              f"(median of {args.crop_rounds} rounds, {min(crop_fractions) * 100:.0f}-{max(crop_fractions) * 100:.0f}%; probes "
+              f"median {r['crop_gemm_rate']:.0f} GFLOP/s); cutting and resizing 100 crops alone: {r['crop_prep_seconds']:.2f} s; "
               f"min cosine of its crop embeddings to fp32 {r['crop_min_cosine_to_fp32']:.5f}", flush=True)
 
     # 5. the naive fp32 reference, and the pipeline in fp32 on the same images (exactness check)
@@ -338,7 +352,7 @@ def main() -> None:
     for r in {id(v): v for v in results.values()}.values():
         floor_best = r.pop("_flops_tower") / (best[r["precision"]] * 1e9) + r.pop("_flops_rest") / (best["fp32"] * 1e9)
         r["floor_ratio_best"] = r["seconds"] / floor_best
-        r["crop_gemm_fraction_best"] = r["crop_gemm_fraction"] * r["crop_gemm_rate"] / best[r["precision"]]
+        r["crop_gemm_fraction_best"] = 100 * flops_crop / r["crop_seconds"] / 1e9 / best[r["precision"]]
         r["same_box_as_fp32_first_images"] = agree(r["answers"][: len(naive_items)], fp32_answers)
     fast = results["fastest"]
     speedup = naive_per_image / (fast["seconds"] / len(items))

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from bicm import backbone as backbone_module
@@ -119,3 +120,26 @@ def test_patch_projection_equals_the_convolution_on_any_size():
             torch.testing.assert_close(proj(x), conv(x), rtol=1e-5, atol=1e-5)
     assert not _PatchProjection.applies_to(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2))
     assert not _PatchProjection.applies_to(torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, padding=1))
+
+
+def test_fused_activation_of_the_bf16_cpu_tower(monkeypatch):
+    """Where this torch has oneDNN's fused linear+SiLU, the bf16 CPU tower uses it and agrees
+    with the unfused bf16 tower and with fp32; where it does not, the tower falls back."""
+    from bicm import backbone as bb
+    from bicm.backbone import _LinearSiLU, fast_image_tower
+
+    from .conftest import make_model
+
+    visual = make_model().visual  # QuickGELU
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    fused = fast_image_tower(visual, torch.bfloat16)
+    kinds = {type(block.mlp.c_fc) for block in fused.transformer.resblocks}
+    assert kinds == ({_LinearSiLU} if bb._fused_silu_available(torch.bfloat16) else {torch.nn.Linear})
+    monkeypatch.setattr(bb, "_fused_silu_available", lambda dtype: False)
+    plain = fast_image_tower(visual, torch.bfloat16)
+    assert {type(block.mlp.c_fc) for block in plain.transformer.resblocks} == {torch.nn.Linear}
+    with torch.inference_mode():
+        ref = F.normalize(visual(pixels), dim=-1)
+        for tower in (fused, plain):
+            out = F.normalize(tower(pixels.bfloat16()).float(), dim=-1)
+            assert float((out * ref).sum(-1).min()) > 0.999

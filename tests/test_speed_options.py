@@ -121,3 +121,14 @@ def test_runs_differing_only_in_crop_batch_are_the_same_work():
 
     assert run().same_work(run(crop_batch_size=16))
     assert not run().same_work(run(thr_a=0.5))
+
+
+def test_a_compiled_bf16_tower_leaves_fusing_to_the_compiler():
+    """torch.compile cannot lower oneDNN's fused linear+SiLU ("weight must be a graph constant",
+    seen with torch 2.14): the tower it compiles has plain layers; the eager one may fuse."""
+    from bicm.backbone import _LinearSiLU
+
+    compiled = dataclasses.replace(make_backbone(), precision=torch.bfloat16, compiled=True)
+    tower = compiled.image_encoder()._orig_mod  # not compiled until first called
+    assert not any(isinstance(m, _LinearSiLU) for m in tower.modules())
+    assert next(tower.parameters()).dtype == torch.bfloat16
