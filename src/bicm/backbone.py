@@ -449,9 +449,10 @@ class _PatchProjection(torch.nn.Module):
     """A ViT patch embedding (a convolution whose stride equals its kernel, no padding) as one
     matrix product over the image's patches.
 
-    Same function as the convolution: ``(N, C, H, W) -> (N, width, H // p, W // p)``. oneDNN
-    runs the bf16 convolution at about a third of its bf16 matmul rate on the CPUs measured
-    (AMX), so the matmul form is faster (benchmarks/README.md).
+    Same function as the convolution: ``(N, C, H, W) -> (N, width, H // p, W // p)``. In a
+    profile of a bf16 ViT-B-32 batch on an AMX CPU, oneDNN ran that convolution at about 280
+    GFLOP/s while the tower's matmuls ran at about 580, so the matmul form is faster
+    (benchmarks/README.md).
     """
 
     def __init__(self, conv: torch.nn.Conv2d) -> None:
@@ -522,7 +523,9 @@ def _fused_silu_available(dtype: torch.dtype) -> bool:
     return _FUSED_SILU[dtype]
 
 
-def fast_image_tower(visual: torch.nn.Module, dtype: torch.dtype, fuse: bool = True) -> torch.nn.Module:
+def fast_image_tower(
+    visual: torch.nn.Module, dtype: torch.dtype, fuse: bool = True, *, silu: bool = True, patch_matmul: bool = True
+) -> torch.nn.Module:
     """A no-gradient copy of an open_clip image tower with weights in ``dtype``, rewritten to
     compute the same function faster; ``visual`` itself is left untouched.
 
@@ -536,16 +539,17 @@ def fast_image_tower(visual: torch.nn.Module, dtype: torch.dtype, fuse: bool = T
       (not for ``torch.compile``, which fuses by itself and cannot lower that op).
     * The patch embedding becomes a matrix product (:class:`_PatchProjection`).
 
-    Any other tower (a ResNet, other activations) is only copied and cast. Measured on a
-    2-core AMX Xeon, bf16, ViT-B-32, batches of 64, each step against the one before it
-    (interleaved runs, median of paired ratios): +13% crops/s from the SiLU rewrite, +3% from
-    the patch projection, +8% from the fused activation; embeddings within cosine 0.9999 of
-    fp32 (benchmarks/README.md).
+    Any other tower (a ResNet, other activations) is only copied and cast. ``silu`` and
+    ``patch_matmul`` switch the rewrites off (benchmarks/bench_tower.py compares them; the
+    fused activation needs ``silu``). On a 2-core AMX Xeon (bf16, ViT-B-32, batches of 64,
+    interleaved paired rounds) each step was faster than the one before it: x1.04-1.13 for the
+    SiLU fold, x1.03 for the patch matmul, x1.05-1.08 for the fused activation; embeddings
+    within cosine 0.9999 of fp32 (benchmarks/README.md, ``bench_tower.py``).
     """
     from open_clip.transformer import QuickGELU
 
     on_cpu = all(p.device.type == "cpu" for p in visual.parameters())
-    fuse = fuse and on_cpu and dtype == torch.bfloat16 and _fused_silu_available(dtype)
+    fuse = fuse and silu and on_cpu and dtype == torch.bfloat16 and _fused_silu_available(dtype)
     tower = copy.deepcopy(visual).float().eval().requires_grad_(False)
     with torch.no_grad():
         for module in list(tower.modules()):
@@ -553,7 +557,7 @@ def fast_image_tower(visual: torch.nn.Module, dtype: torch.dtype, fuse: bool = T
             if not isinstance(mlp, torch.nn.Sequential):
                 continue
             c_fc, act, c_proj = (getattr(mlp, name, None) for name in ("c_fc", "gelu", "c_proj"))
-            if isinstance(c_fc, torch.nn.Linear) and isinstance(act, QuickGELU) and isinstance(c_proj, torch.nn.Linear):
+            if silu and isinstance(c_fc, torch.nn.Linear) and isinstance(act, QuickGELU) and isinstance(c_proj, torch.nn.Linear):
                 c_fc.weight.mul_(_QUICK_GELU_ALPHA)
                 if c_fc.bias is not None:
                     c_fc.bias.mul_(_QUICK_GELU_ALPHA)
@@ -561,7 +565,7 @@ def fast_image_tower(visual: torch.nn.Module, dtype: torch.dtype, fuse: bool = T
                 mlp.gelu = torch.nn.SiLU(inplace=True)
                 if fuse:
                     mlp.c_fc, mlp.gelu = _LinearSiLU(c_fc), torch.nn.Identity()
-        if _PatchProjection.applies_to(getattr(tower, "conv1", None)):
+        if patch_matmul and _PatchProjection.applies_to(getattr(tower, "conv1", None)):
             tower.conv1 = _PatchProjection(tower.conv1)
     return tower.to(dtype).eval().requires_grad_(False)
 

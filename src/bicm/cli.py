@@ -127,8 +127,8 @@ THREADS_OPT = typer.Option(
 )
 COMPILE_OPT = typer.Option(
     False, "--compile", envvar="BICM_COMPILE",
-    help="Run the crop/image encoder through torch.compile: compiling takes tens of seconds on the first image, "
-    "then crops encode faster (for long runs).",
+    help="Run the crop/image encoder through torch.compile: compiling takes tens of seconds on the first image. "
+    "For GPUs: on the CPUs measured, bf16 crops encoded 2.7-6x SLOWER compiled than eager (benchmarks/README.md).",
 )
 KAM_OPT = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam' (adds lambda_k * S_KAM, Eq. 11).")
 LAMBDA_K_OPT = typer.Option(1.0, help="Weight of the KAM score S_KAM.")

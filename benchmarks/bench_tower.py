@@ -1,0 +1,116 @@
+"""The low-precision crop tower, one rewrite at a time, in interleaved paired rounds.
+
+On a shared machine the GEMM rate swings within seconds (other tenants use the core's AMX
+unit), so variants are never timed one after the other: every round times each variant once
+(alternating their order) next to a square-GEMM probe, and each variant is reported as the
+median over the rounds of its ratio to the first variant (and how many rounds it won):
+
+    python benchmarks/bench_tower.py [--rounds 16] [--batch 64] [--device cpu]
+
+Variants (ViT-B-32 with random weights, QuickGELU): the fp32 tower; a plain bf16 copy; then
+`bicm.backbone.fast_image_tower`'s rewrites added one by one (SiLU fold, patch embedding as a
+matmul, oneDNN's fused linear+SiLU); batch sizes of the full tower; the full tower with
+PyTorch's fused MHA inference path switched off (what torch.compile and autograd see).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from common import random_vit_b32
+
+from bicm.backbone import fast_image_tower
+
+
+def probe(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.2) -> float:
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or calls < 2:
+        torch.mm(a, b)
+        calls += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 * calls / (time.perf_counter() - start) / 1e9
+
+
+class NoFastPath(torch.nn.Module):
+    def __init__(self, tower: torch.nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        was = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.tower(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(was)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    visual = random_vit_b32(args.device).model.visual
+    full = fast_image_tower(visual, dtype)
+    towers = {
+        f"plain {args.dtype} copy": copy.deepcopy(visual).to(dtype),
+        "+ SiLU fold": fast_image_tower(visual, dtype, fuse=False, patch_matmul=False),
+        "+ patch matmul": fast_image_tower(visual, dtype, fuse=False),
+        "+ fused linear+SiLU": full,
+        "full, MHA fast path off": NoFastPath(full),
+    }
+    variants = {name: (tower, dtype, args.batch) for name, tower in towers.items()}
+    variants["fp32 (the model)"] = (visual, torch.float32, args.batch)
+    for batch in (16, 32, 128):
+        if batch != args.batch:
+            variants[f"full, batch {batch}"] = (full, dtype, batch)
+    n = 128
+    pixels = torch.randn(n, 3, 224, 224, device=device)
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(visual(pixels[:8]), dim=-1)
+        for name, (tower, dt, batch) in variants.items():
+            out = torch.nn.functional.normalize(tower(pixels[:8].to(dt)).float(), dim=-1)
+            tower(pixels[:batch].to(dt))  # warm-up
+            print(f"{name:>26}: min cosine to fp32 {float((out * reference).sum(-1).min()):.5f}", flush=True)
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        probes = []
+        for r in range(args.rounds):
+            probes.append(probe(device, dtype))
+            order = list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]
+            for name, (tower, dt, batch) in order:
+                x = pixels.to(dt)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for i in range(0, n, batch):
+                    tower(x[i : i + batch])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rates[name].append(n / (time.perf_counter() - start))
+    first = next(iter(rates))
+    print(f"GEMM {args.dtype} probes: median {statistics.median(probes):.0f}, range {min(probes):.0f}-{max(probes):.0f} GFLOP/s")
+    print(f"| variant | crops/s (median) | ratio to {first} (median of {args.rounds} paired rounds) | rounds won |")
+    print("|---|---:|---:|---:|")
+    for name, values in rates.items():
+        ratios = [a / b for a, b in zip(values, rates[first])]
+        print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(ratios):.3f} | {sum(x > 1 for x in ratios)}/{len(ratios)} |")
+    print("each step against the one before it:")
+    names = list(towers)[:4]
+    for prev, cur in zip(names, names[1:]):
+        ratios = [a / b for a, b in zip(rates[cur], rates[prev])]
+        print(f"  {cur}: x{statistics.median(ratios):.3f} (won {sum(x > 1 for x in ratios)}/{len(ratios)})")
+
+
+if __name__ == "__main__":
+    main()
