@@ -160,7 +160,7 @@ def run_pipeline(grounder: Grounder, items, queries, probe: Probe, flops_crop: i
     """Time ``ground_many`` image by image, with GEMM probes before each image and after the
     last (not timed). Returns the time, the answers, the FLOPs and the floor from the rates
     probed around each image."""
-    answers, seconds, floor, floor_best_parts, flops, ratios = [], 0.0, 0.0, [0, 0], 0, []
+    answers, seconds, floor, flops_tower, flops_rest_all, ratios = [], 0.0, 0.0, 0, 0, []
     before = probe()
     for image, proposals in items:
         grounder.class_names._cache.clear()  # each image's class names are encoded as if new
@@ -176,12 +176,11 @@ def run_pipeline(grounder: Grounder, items, queries, probe: Probe, flops_crop: i
         image_floor = f_tower / (rates[tower] * 1e9) + flops_rest / (rates["fp32"] * 1e9)
         floor += image_floor
         ratios.append(took / image_floor)
-        floor_best_parts[0] += f_tower
-        floor_best_parts[1] += flops_rest
-        flops += f_tower + flops_rest
+        flops_tower += f_tower
+        flops_rest_all += flops_rest
         before = after
-    return {"seconds": seconds, "answers": answers, "floor_seconds": floor, "flops": flops, "image_ratios": ratios,
-            "flops_tower": floor_best_parts[0], "flops_rest": floor_best_parts[1]}
+    return {"seconds": seconds, "answers": answers, "floor_seconds": floor, "flops": flops_tower + flops_rest_all,
+            "image_ratios": ratios, "flops_tower": flops_tower, "flops_rest": flops_rest_all}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -280,7 +279,7 @@ def main() -> None:
             sync(device)
             crops_t.append(time.perf_counter() - start)
             after = probe()
-            rate_now = (before[name] + after[name]) / 2
+            rate_now = mean_rates(before, after)[name]
             crop_probe.append(rate_now)
             crop_fractions.append(100 * flops_crop / crops_t[-1] / 1e9 / rate_now)
             before = after

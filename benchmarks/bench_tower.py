@@ -21,21 +21,10 @@ import statistics
 import time
 
 import torch
+from bench_pipeline import Probe, sync
 from common import random_vit_b32
 
 from bicm.backbone import fast_image_tower
-
-
-def probe(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.2) -> float:
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds or calls < 2:
-        torch.mm(a, b)
-        calls += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n**3 * calls / (time.perf_counter() - start) / 1e9
 
 
 class NoFastPath(torch.nn.Module):
@@ -84,21 +73,20 @@ def main() -> None:
             tower(pixels[:batch].to(dt))  # warm-up
             print(f"{name:>26}: min cosine to fp32 {float((out * reference).sum(-1).min()):.5f}", flush=True)
         rates: dict[str, list[float]] = {name: [] for name in variants}
-        probes = []
+        probe = Probe({args.dtype: dtype}, device, 2048)
         for r in range(args.rounds):
-            probes.append(probe(device, dtype))
+            probe()
             order = list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]
             for name, (tower, dt, batch) in order:
                 x = pixels.to(dt)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 start = time.perf_counter()
                 for i in range(0, n, batch):
                     tower(x[i : i + batch])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 rates[name].append(n / (time.perf_counter() - start))
     first = next(iter(rates))
+    probes = probe.log[args.dtype]
     print(f"GEMM {args.dtype} probes: median {statistics.median(probes):.0f}, range {min(probes):.0f}-{max(probes):.0f} GFLOP/s")
     print(f"| variant | crops/s (median) | ratio to {first} (median of {args.rounds} paired rounds) | rounds won |")
     print("|---|---:|---:|---:|")
