@@ -487,7 +487,7 @@ def test_load_dataset_errors(tmp_path):
     with pytest.raises(BicmError, match="unknown split 'tset' for 'flickr'; choose one of train, val, test"):
         load_dataset("flickr", "tset", tmp_path)
     assert set(DATASETS) == {"flickr", "referit", "unc", "unc+", "gref", "gref_umd",
-                             "refcoco", "refcoco+", "refcocog", "refclef", "flickr30k_entities", "jsonl", "shapes"}
+                             "refcoco", "refcoco+", "refcocog", "refclef", "flickr30k_entities", "jsonl", "shapes-ref", "shapes-phrase"}
 
 
 def test_load_dataset_checks_images_first(tmp_path):

@@ -8,8 +8,10 @@
 - Raw Flickr30K Entities (:mod:`bicm.data.flickr30k`): ``flickr30k_entities``;
   ``annotations`` is the folder of ``Annotations/``, ``Sentences/`` and ``<split>.txt``.
 - Your own JSON Lines (:mod:`bicm.data.jsonl`): ``jsonl``; ``annotations`` is the file.
-- The shapes world (:mod:`bicm.shapes.dataset`): ``shapes``; ``annotations`` is its folder,
-  by default ``~/.cache/bicm/shapes-v1`` (generated on first use; the images are there too).
+- The shapes world (:mod:`bicm.shapes.dataset`): ``shapes-ref`` (RefCOCO-like) and
+  ``shapes-phrase`` (Flickr30K Entities-like); ``annotations`` is the world's folder, by
+  default ``~/.cache/bicm/shapes-v2`` (generated on first use; the images are there too, in
+  one folder per protocol: pass ``image_root=<folder>/ref`` or ``/phrase``).
 
 Example::
 
@@ -88,7 +90,8 @@ DATASETS: dict[str, DatasetInfo] = {
         "flickr30k_entities", "flickr30k_entities", ("train", "val", "test"), "Flickr30K Entities (raw annotations)"
     ),
     "jsonl": DatasetInfo("jsonl", "jsonl", (), "your own JSON Lines file (any split name)"),
-    "shapes": DatasetInfo("shapes", "shapes", ("test", "val"), "the shapes world (generated, offline)"),
+    "shapes-ref": DatasetInfo("shapes-ref", "shapes", ("test", "val"), "the shapes world, RefCOCO-like protocol (generated, offline)"),
+    "shapes-phrase": DatasetInfo("shapes-phrase", "shapes", ("test", "val"), "the shapes world, Flickr30K-like protocol (generated, offline)"),
 }
 
 
@@ -132,12 +135,16 @@ def load_dataset(
         or unsafe files, and missing images.
     """
     info = DATASETS.get(name)
+    if name == "shapes":
+        from ..shapes.dataset import protocol_of
+
+        protocol_of(name)  # says which names replaced it
     if info is None:
         raise BicmError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if info.reader == "shapes":
-        from ..shapes.dataset import read_shapes
+        from ..shapes.dataset import protocol_of, read_shapes
 
-        samples = read_shapes(annotations, split)
+        samples = read_shapes(annotations, split, protocol_of(name))
         if image_root is not None:
             check_images(samples, image_root)
         return samples

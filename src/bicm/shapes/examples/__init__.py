@@ -1,22 +1,61 @@
-"""The bundled example: one shapes-world scene (a PNG shipped with bicm) and its expressions."""
+"""The bundled example: one scene of the shapes world's phrase protocol and three of its phrases.
+
+The scene is drawn by the same generator as the ``shapes-phrase`` test split (another seed):
+the first seed from :data:`FIRST_SEED` whose scene has 4-6 objects, is wider than high, and
+can be described by an attribute phrase, a position phrase about another object, and a plural
+phrase. Its phrases are those three
+(Flickr30K Entities style), and it is grounded with that protocol's selection (the union of
+the above-mean boxes), so ``bicm demo`` shows the method as the evaluation measures it.
+"""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from ..world import expressions, make_scene
+import numpy as np
 
-__all__ = ["EXAMPLE_SEED", "example_scene", "example_image", "example_queries"]
+from ..world import Scene, expressions, make_scene
 
-EXAMPLE_SEED = 20261147  # a scene with all four expression types and good contrast
+__all__ = ["FIRST_SEED", "EXAMPLE_PROTOCOL", "EXAMPLE_SELECTION", "example_seed", "example_scene", "example_image", "example_queries"]
+
+FIRST_SEED = 20261200
+EXAMPLE_PROTOCOL = "phrase"
+#: the selection of the phrase protocol (Sec. 4.1, Flickr30K)
+EXAMPLE_SELECTION = "union-above-mean"
+_KINDS = ("attribute", "position", "plural")
 
 
-def example_scene():
+def _chosen(scene: Scene) -> list:
+    """The example's phrases: the first attribute phrase, the first position phrase about
+    another object, the first plural phrase (fewer when the scene has none)."""
+    found = expressions(scene, "phrase")
+    out = []
+    for kind in _KINDS:
+        taken = {t for e in out for t in e.targets}
+        match = next((e for e in found if e.kind == kind and (kind == "plural" or not taken & set(e.targets))), None)
+        if match is not None:
+            out.append(match)
+    return out
+
+
+def _suits(scene: Scene) -> bool:
+    return len(_chosen(scene)) == 3 and 4 <= len(scene.objects) <= 6 and scene.width > scene.height
+
+
+@lru_cache(maxsize=1)
+def example_seed() -> int:
+    """The seed of the example scene (see the module docstring)."""
+    seed = FIRST_SEED
+    while not _suits(make_scene(np.random.default_rng(seed), EXAMPLE_PROTOCOL)):
+        seed += 1
+    return seed
+
+
+def example_scene() -> Scene:
     """The scene of the bundled example (deterministic)."""
-    import numpy as np
-
-    return make_scene(np.random.default_rng(EXAMPLE_SEED), n_objects=6, size=(360, 280))
+    return make_scene(np.random.default_rng(example_seed()), EXAMPLE_PROTOCOL)
 
 
 def example_image() -> Path:
@@ -25,9 +64,5 @@ def example_image() -> Path:
 
 
 def example_queries() -> list[str]:
-    """Three expressions of the example of different types (attribute, position, plural first)."""
-    found = expressions(example_scene())
-    chosen: list[str] = []
-    for kind in ("position", "attribute", "plural", "category"):
-        chosen += [e.text for e in found if e.kind == kind][:1]
-    return chosen[:3]
+    """The example's attribute, position and plural phrase, in that order."""
+    return [e.text for e in _chosen(example_scene())]
