@@ -125,6 +125,7 @@ def _accepted(factory: Callable[..., Any], options: dict[str, Any]) -> dict[str,
 
 def _import_builtin_sources() -> None:
     from . import detector, selective  # noqa: F401  (they register themselves)
+    from ..shapes import detector as shapes_detector  # noqa: F401  (registers shapes-detector)
 
 
 class FileSource(ProposalSource):
