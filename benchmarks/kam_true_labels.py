@@ -2,14 +2,14 @@
 
 Does the KAM machinery (the MLP inputs, training, Eq. 11 at inference) help when its labels
 are right? This script writes a run folder in `bicm pseudo-label`'s format from a PAIRED
-split with ground truth (default: the shapes world's `val`): every query is grounded as
+split with ground truth (default: the `val` split of a shapes protocol): every query is grounded as
 `bicm pseudo-label` would, and its label is the candidate with the highest IoU with the true
 box (pairs whose best candidate has IoU <= 0.5 are left out). Then
 
-    python benchmarks/kam_true_labels.py --out runs/kam-true
+    python benchmarks/kam_true_labels.py --dataset shapes-ref --out runs/kam-true
     bicm train-kam runs/kam-true --out kam-true.safetensors
-    bicm eval --dataset shapes --split test --model shapes --proposals selective-search \\
-        --name-with shapes --kam kam-true.safetensors --ablation table4
+    bicm eval --dataset shapes-ref --split test --model shapes --proposals shapes-detector \\
+        --lambda-t auto --kam kam-true.safetensors --ablation table4
 
 separates "the labels are wrong" from "the adaptation does not work". The result is an
 upper bound for KAM with this backbone and these proposals, never a result of the method.
@@ -30,28 +30,33 @@ from bicm.cache import FeatureCache
 from bicm.data import load_dataset
 from bicm.imageio import load_image
 from bicm.jsonl import JsonlAppender
-from bicm.proposals.naming import ClipNamer
-from bicm.proposals.selective import SelectiveSearch
+from bicm.proposals.sources import make_source
 from bicm.pseudo import PseudoRun
-from bicm.shapes.dataset import ensure_shapes
+from bicm.shapes.dataset import protocol_of, shapes_folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="shapes-ref", choices=["shapes-ref", "shapes-phrase"])
     parser.add_argument("--split", default="val")
+    parser.add_argument("--proposals", default="shapes-detector")
+    parser.add_argument("--name-with", default=None, help="name class-agnostic proposals (selective search: shapes)")
+    parser.add_argument("--lambda-t", type=float, default=None, help="[default: the model's calibrated value]")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--top-n", type=int, default=100)
     args = parser.parse_args()
 
-    root = ensure_shapes(None, (args.split,))
-    samples = load_dataset("shapes", args.split, root, image_root=root)
-    grounder = Grounder.from_pretrained("shapes", device="cpu")
-    grounder.namer = ClipNamer(grounder.backbone, "shapes", encode_text=grounder.encoder.text)
-    source = SelectiveSearch(top_n=args.top_n)
+    from bicm.backbone import recorded_lambda_t
+
+    root = shapes_folder(None, protocol_of(args.dataset), args.split)
+    samples = load_dataset(args.dataset, args.split, root, image_root=root)
+    lambda_t = args.lambda_t if args.lambda_t is not None else (recorded_lambda_t("shapes") or 1000.0)
+    grounder = Grounder.from_pretrained("shapes", device="cpu", name_with=args.name_with, lambda_t=lambda_t)
+    source = make_source(args.proposals, top_n=args.top_n)
     cfg = grounder.config
     run = PseudoRun(
-        images=f"TRUE LABELS: shapes {args.split} (analysis only, not unpaired)",
-        queries=f"shapes {args.split}",
+        images=f"TRUE LABELS: {args.dataset} {args.split} (analysis only, not unpaired)",
+        queries=f"{args.dataset} {args.split}",
         n_images=len({s.image_file for s in samples}),
         n_queries=len(samples),
         proposals=source.id,

@@ -3,7 +3,7 @@
 Compares two `bicm eval` run folders of the SAME queries that differ only in `--precision`
 (e.g. on the shapes test split):
 
-    bicm eval --dataset shapes --split test --model shapes --proposals selective-search \\
+    bicm eval --dataset shapes-ref --split test --model shapes --proposals selective-search \\
         --name-with shapes --ablation none --precision fp32 --out runs/guard-fp32 [--limit N]
     bicm eval ... --precision bf16 --out runs/guard-bf16 [--limit N]
     python benchmarks/precision_guard.py runs/guard-fp32 runs/guard-bf16 [--json out.json]

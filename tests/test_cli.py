@@ -188,3 +188,22 @@ def test_cli_choices_mirror_the_library():
     assert typing.get_args(cli.AttentionOpt) == typing.get_args(qam.MapKind)
     assert typing.get_args(cli.RegionOpt) == typing.get_args(qam.RegionRule)
     assert typing.get_args(cli.ComModeOpt) == typing.get_args(com.ComMode)
+
+
+def test_lambda_t_auto_reads_the_models_card(scene_files, tiny_checkpoint, tmp_path):
+    import shutil
+
+    image, dets = scene_files
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(tiny_checkpoint, weights)
+    common = ("ground", image, "a red square", "--checkpoint", weights, "--proposals", dets, "--json")
+    assert_user_error(run(*common, "--lambda-t", "auto"), "no calibrated lambda_t recorded for this model")
+    assert_user_error(run(*common, "--lambda-t", "lots"), "--lambda-t must be a number or auto")
+    assert_user_error(run(*common, "--lambda-t", "-3"), "finite number >= 0")
+    (tmp_path / "model.json").write_text(json.dumps({"lambda_t": {"value": 0.0, "rule": "..."}}))
+    auto = run(*common, "--lambda-t", "auto")
+    zero = run(*common, "--lambda-t", "0")
+    big = run(*common, "--lambda-t", "1e6")
+    assert auto.exit_code == zero.exit_code == big.exit_code == 0, auto.stderr
+    scores = lambda r: [c["score"] for c in json.loads(r.stdout)["candidates"]]  # noqa: E731
+    assert scores(auto) == scores(zero) != scores(big)  # the card's value (0) was used

@@ -16,10 +16,10 @@ from bicm.shapes.dataset import ensure_shapes
 
 
 def test_eval_twice_gives_byte_identical_predictions(tmp_path):
-    root = ensure_shapes(tmp_path / "shapes", ("test",), counts={"test": 3})
+    root = ensure_shapes(tmp_path / "shapes", "ref", ("test",), counts={"test": 3})
 
     def args(out, *extra):
-        return ["eval", "--dataset", "shapes", "--split", "test", "--annotations", str(root), "--model", "shapes",
+        return ["eval", "--dataset", "shapes-ref", "--split", "test", "--annotations", str(root), "--model", "shapes",
                 "--device", "cpu", "--proposals", "selective-search", "--name-with", "shapes", "--ablation", "all",
                 "--no-progress", "--out", str(tmp_path / out), *extra]
 

@@ -271,3 +271,17 @@ def test_kam_rows_and_the_paired_mcnemar_test():
     assert test["difference"] == pytest.approx(7 / 20)
     assert test["p_value"] == pytest.approx(binomtest(9, 11, 0.5).pvalue)
     assert mcnemar([rec(True, True)], MAIN_ROW, KAM_ROW)["p_value"] == 1.0
+
+
+def test_consecutive_rows_are_compared_on_the_same_queries():
+    from bicm.evaluate import EvalRun, summarize
+
+    rows = ["QAM", "COM", "QAM+COM", MAIN_ROW]
+    hits = {"QAM": [0, 0, 1, 0], "COM": [1, 1, 0, 0], "QAM+COM": [1, 1, 1, 0], MAIN_ROW: [1, 1, 1, 1]}
+    records = [{"id": str(i), "kind": "attribute", "rows": {r: {"hit": bool(hits[r][i])} for r in rows}} for i in range(4)]
+    run = EvalRun(dataset="shapes-ref", split="val", proposals="p", model="m", rows=rows, config={"selection": "argmax"})
+    summary = summarize(records, run)
+    steps = [(s["a"], s["b"], s["a_only"], s["b_only"]) for s in summary["steps"]]
+    assert steps == [("QAM", "COM", 1, 2), ("COM", "QAM+COM", 0, 1), ("QAM+COM", MAIN_ROW, 0, 1)]
+    table = markdown_table(summary)
+    assert "| QAM | COM | +25.00 | 2 | 1 |" in table and "exact McNemar" in table

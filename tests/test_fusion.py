@@ -108,3 +108,14 @@ def test_unknown_policy():
 
 def test_union_box():
     assert union_box([[1, 2, 3, 4], [0, 5, 2, 9]]) == (0.0, 2.0, 3.0, 9.0)
+
+
+def test_lambda_t_by_the_papers_rule():
+    from bicm.fusion import calibrate_lambda_t
+
+    # ViT-B/32-like scales: cosines ~0.5, raw map ~5e-4 -> 1000, the paper's value
+    assert calibrate_lambda_t(torch.tensor([0.45, 0.5, 0.62]), torch.tensor([4e-4, 5e-4, 9e-4])) == 1000.0
+    # a map ten times larger needs a ten times smaller weight; signs do not matter
+    assert calibrate_lambda_t(torch.tensor([-0.5, 0.5, 0.5]), torch.tensor([5e-3, 4e-3, 6e-3])) == 100.0
+    with pytest.raises(ValueError):
+        calibrate_lambda_t(torch.tensor([0.5]), torch.tensor([0.0]))

@@ -200,12 +200,12 @@ def test_resumable_and_resume_command(capsys, monkeypatch):
 def shapes_world(tmp_path_factory):
     from bicm.shapes.dataset import ensure_shapes
 
-    return ensure_shapes(tmp_path_factory.mktemp("shapes"), ("train",), counts={"train": 8})
+    return ensure_shapes(tmp_path_factory.mktemp("shapes"), "ref", ("train",), counts={"train": 8})
 
 
 def test_ctrl_c_during_pseudo_label_and_train_kam_keeps_the_work_and_the_same_commands_resume(tmp_path, shapes_world):
     run_dir, model = tmp_path / "pl", tmp_path / "kam.safetensors"
-    label = ["pseudo-label", "--dataset", "shapes", "--annotations", str(shapes_world), "--out", str(run_dir),
+    label = ["pseudo-label", "--dataset", "shapes-ref", "--annotations", str(shapes_world), "--out", str(run_dir),
              "--thr-k", "-1000", "--model", "shapes", "--name-with", "shapes", "--top-n", "30", "--no-cache", "--no-progress"]
     pairs = run_dir / "pairs.jsonl"
     proc = start(label, tmp_path)

@@ -29,7 +29,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    return ensure_shapes(root, ("train", "test"), counts={"train": 5, "test": 3})
+    return ensure_shapes(root, "ref", ("train", "test"), counts={"train": 5, "test": 3})
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,11 @@ def _run(grounder, data, out, **kwargs):
 
 
 def test_pseudo_labels_are_the_pairs_above_thr_k_with_their_features(tmp_path, world, grounder):
-    data = shapes_unpaired(world, reveal_truth=True)
+    data = shapes_unpaired(world, "shapes-ref", reveal_truth=True)
     summary = _run(grounder, data, tmp_path / "run", thr_k=1.0, features_above=0.5)
     pairs = list(read_jsonl(tmp_path / "run" / "pairs.jsonl"))
     assert summary["pairs"] == len(pairs) == 5
-    # every image is paired with its most similar query (among the queries of other scenes)
+    # every image is paired with its most similar query (among the queries of all train scenes)
     feats = grounder.backbone.encode_images([__import__("PIL.Image").Image.open(p).convert("RGB") for _, p in data.images])
     text = grounder.backbone.encode_text(list(dict.fromkeys(data.queries)))
     best = (feats @ text.T).argmax(dim=1).tolist()
@@ -75,7 +75,7 @@ def test_pseudo_labels_are_the_pairs_above_thr_k_with_their_features(tmp_path, w
 
 
 def test_an_interrupted_run_resumes_to_the_same_pairs(tmp_path, world, grounder):
-    data = shapes_unpaired(world, reveal_truth=False)
+    data = shapes_unpaired(world, "shapes-ref", reveal_truth=False)
     _run(grounder, data, tmp_path / "full", thr_k=0.9)
 
     def stop(count):
@@ -96,12 +96,12 @@ def test_an_interrupted_run_resumes_to_the_same_pairs(tmp_path, world, grounder)
 
 
 def test_precision_counts_iou_above_half_with_a_true_box_of_that_query():
-    truth = {("a.png", "the red circle"): [(0.0, 0.0, 10.0, 10.0)], ("b.png", "the two stars"): [(0.0, 0.0, 20.0, 20.0)]}
+    truth = {("a.png", "the red ellipse"): [(0.0, 0.0, 10.0, 10.0)], ("b.png", "the two stars"): [(0.0, 0.0, 20.0, 20.0)]}
     pairs = [
-        {"id": "a.png", "query": "The red  circle", "box": [0, 0, 10, 9], "score": 0.95},  # right
+        {"id": "a.png", "query": "The red  ellipse", "box": [0, 0, 10, 9], "score": 0.95},  # right
         {"id": "b.png", "query": "the two stars", "box": [0, 0, 10, 10], "score": 0.85},  # IoU 0.25
-        {"id": "c.png", "query": "the red circle", "box": [0, 0, 10, 10], "score": 0.75},  # not in c.png
-        {"id": "d.png", "query": "the red circle", "box": None, "score": None},  # nothing to label
+        {"id": "c.png", "query": "the red ellipse", "box": [0, 0, 10, 10], "score": 0.75},  # not in c.png
+        {"id": "d.png", "query": "the red ellipse", "box": None, "score": None},  # nothing to label
     ]
     rows = {row["thr_k"]: row for row in precision_table(pairs, truth, [0.8, 0.9])}
     assert (rows[None]["labels"], rows[None]["correct"]) == (3, 1)
@@ -115,8 +115,8 @@ def test_image_and_query_lists(tmp_path, world):
     listing.write_text(f"{world / 'train' / '00000.png'}\n\n{world / 'train' / '00001.png'}\n")
     assert [k for k, _ in read_image_list(listing)] == [str(world / "train" / "00000.png"), str(world / "train" / "00001.png")]
     queries = tmp_path / "q.jsonl"
-    queries.write_text('{"query": "the red circle"}\n{"query": "the star"}\n')
-    assert read_query_list(queries) == ["the red circle", "the star"]
+    queries.write_text('{"query": "the red ellipse"}\n{"query": "the star"}\n')
+    assert read_query_list(queries) == ["the red ellipse", "the star"]
     queries.write_text('{"text": "no query field"}\n')
     with pytest.raises(BicmError, match="no 'query' text"):
         read_query_list(queries)
@@ -125,7 +125,7 @@ def test_image_and_query_lists(tmp_path, world):
 
 
 def test_features_above_must_not_exceed_thr_k(tmp_path, world, grounder):
-    data = shapes_unpaired(world, reveal_truth=False)
+    data = shapes_unpaired(world, "shapes-ref", reveal_truth=False)
     with pytest.raises(BicmError, match="must not exceed"):
         _run(grounder, data, tmp_path / "x", thr_k=0.5, features_above=0.9)
     with pytest.raises(BicmError, match="must include com"):
@@ -136,7 +136,7 @@ def test_cli_pseudo_label_train_kam_ground_and_eval(tmp_path, world, tiny_checkp
     run_dir, model = tmp_path / "pl", tmp_path / "kam.safetensors"
     shapes = ["--model", "shapes", "--name-with", "shapes", "--top-n", "30", "--no-cache"]
     result = runner.invoke(
-        app, ["pseudo-label", "--dataset", "shapes", "--annotations", str(world), "--reveal-truth", "--thr-k", "0.5",
+        app, ["pseudo-label", "--dataset", "shapes-ref", "--annotations", str(world), "--reveal-truth", "--thr-k", "0.5",
               "--out", str(run_dir), "--no-progress", *shapes],
     )
     assert result.exit_code == 0, result.output
@@ -146,12 +146,12 @@ def test_cli_pseudo_label_train_kam_ground_and_eval(tmp_path, world, tiny_checkp
     assert (tmp_path / "kam.curve.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "kam.history.json").read_text())) == 3
     image = str(world / "test" / "00000.png")
-    result = runner.invoke(app, ["ground", image, "the red circle", "-p", "selective-search", "--kam", str(model), "--json", *shapes[:4]])
+    result = runner.invoke(app, ["ground", image, "the red ellipse", "-p", "selective-search", "--kam", str(model), "--json", *shapes[:4]])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.splitlines()[0])
     assert record["components"] == ["qam", "com", "sf", "kam"] and record["candidates"][0]["s_kam"] is not None
     result = runner.invoke(
-        app, ["eval", "--dataset", "shapes", "--split", "test", "--annotations", str(world), "--kam", str(model),
+        app, ["eval", "--dataset", "shapes-ref", "--split", "test", "--annotations", str(world), "--kam", str(model),
               "--proposals", "selective-search", "--ablation", "none", "--out", str(tmp_path / "ev"), "--no-progress", *shapes],
     )
     assert result.exit_code == 0, result.output
@@ -159,6 +159,6 @@ def test_cli_pseudo_label_train_kam_ground_and_eval(tmp_path, world, tiny_checkp
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["paired"]["n"] == summary["rows"][0]["n"]
     # a KAM model is bound to its backbone
-    result = runner.invoke(app, ["ground", image, "the red circle", "--checkpoint", str(tiny_checkpoint), "--kam", str(model)])
+    result = runner.invoke(app, ["ground", image, "the red ellipse", "--checkpoint", str(tiny_checkpoint), "--kam", str(model)])
     assert result.exit_code == 2 and "trained on backbone shapes" in result.stderr
     assert "Traceback" not in result.output

@@ -92,7 +92,8 @@ def test_result_shape(client, tiny_backbone):
     response = ground(client, "\n".join(queries) + "\n\n")
     assert response.status_code == 200, response.text
     data = response.json()
-    assert data["image"]["name"] == "example:shapes" and (data["image"]["width"], data["image"]["height"]) == (360, 280)
+    size = __import__("PIL.Image").Image.open(example_image()).size
+    assert data["image"]["name"] == "example:shapes" and (data["image"]["width"], data["image"]["height"]) == size
     assert set(data["timing"]) == {"wait_s", "ground_s", "render_s", "total_s"}
     assert [item["result"]["query"] for item in data["results"]] == queries
     expected = Grounder(tiny_backbone).ground_many(example_image(), queries, _source())
@@ -347,6 +348,7 @@ def live_server():
 def test_cli_serve_over_http(live_server):
     url, info = live_server
     assert info["model"] == "shapes" and info["naming"] == "shapes"
+    assert info["proposal_sources"][0] == "shapes-detector"  # the shapes world's own detector first, as bicm demo
     with urllib.request.urlopen(url + "/") as response:
         assert b"<title>bicm" in response.read()
 
@@ -381,7 +383,7 @@ def test_browser_end_to_end(live_server):
     if browser is None:
         pytest.skip(reason)
     url, _ = live_server
-    phrase = "the large star"
+    phrase = example_queries()[0]
     try:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 120)
@@ -420,12 +422,13 @@ def test_browser_end_to_end(live_server):
     finally:
         browser.quit()
 
-    # the page shows what the library computes in-process on the same inputs
+    # the page shows what the library computes in-process on the same inputs (the default source: the shapes detector)
     from bicm.proposals.naming import ClipNamer
-    from bicm.proposals.selective import SelectiveSearch
+    from bicm.proposals.sources import make_source
+    from bicm.shapes.examples import EXAMPLE_SELECTION
 
-    grounder = Grounder.from_pretrained("shapes", device="cpu")
-    grounder.namer = ClipNamer(grounder.backbone, "shapes", encode_text=grounder.encoder.text)
-    expected = grounder.ground(example_image(), phrase, SelectiveSearch(top_n=100))
+    grounder = Grounder.from_pretrained("shapes", device="cpu", selection=EXAMPLE_SELECTION)
+    grounder.namer = ClipNamer(grounder.backbone, "shapes", "a photo of a {}.", encode_text=grounder.encoder.text)
+    expected = grounder.ground(example_image(), phrase, make_source("shapes-detector", top_n=100))
     assert box == pytest.approx([round(v, 2) for v in expected.box], abs=0.01)
 

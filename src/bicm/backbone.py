@@ -32,6 +32,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -754,6 +755,27 @@ def load_backbone(
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length or 77)
     clip = clip.to(dev).float()
     return Backbone(clip, tokenizer, spec, dev, display_name or name, amp_dtype, cfg, precision=weights_dtype, compiled=compile)
+
+
+def recorded_lambda_t(model: Optional[str] = None, checkpoint: Union[str, Path, None] = None) -> Optional[float]:
+    """The ``lambda_t`` calibrated for a model by the paper's rule, when its card records one.
+
+    The card is the JSON file beside the weights (``<weights stem>.json``, as ``bicm
+    train-clip`` writes), with ``"lambda_t": {"value": ...}``; for ``model="shapes"`` (or no
+    model and no checkpoint) the shipped shapes CLIP's card. ``None`` when there is none.
+    """
+    if checkpoint is None and model not in (None, SHAPES_MODEL):
+        return None
+    weights = Path(checkpoint) if checkpoint is not None else shapes_weights()
+    card = weights.with_suffix(".json")
+    if not card.is_file():
+        return None
+    try:
+        found = json.loads(card.read_text()).get("lambda_t")
+        value = float(found["value"] if isinstance(found, dict) else found)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def shapes_weights() -> Path:

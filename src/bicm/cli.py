@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -131,6 +132,35 @@ COMPILE_OPT = typer.Option(
     "For GPUs: on the CPUs measured, bf16 crops encoded 2.7-6x SLOWER compiled than eager (benchmarks/README.md).",
 )
 KAM_OPT = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam' (adds lambda_k * S_KAM, Eq. 11).")
+LAMBDA_T_OPT = typer.Option(
+    "1000",
+    "--lambda-t",
+    help="Weight of the top-down score S_TD: a number (the paper: 1000, for ViT-B/32's raw map), or auto: the value "
+    "calibrated for this model by the paper's rule (recorded in its card; make one with 'bicm pseudo-label --calibrate-lambda-t').",
+)
+
+
+def _lambda_t(value: str, model: Optional[str], checkpoint: Optional[Path]) -> float:
+    """``--lambda-t``: a number, or ``auto`` read from the model's card (``<weights>.json``)."""
+    if value.strip().lower() != "auto":
+        try:
+            number = float(value)
+        except ValueError:
+            raise BicmError(f"--lambda-t must be a number or auto, not {value!r}") from None
+        if not math.isfinite(number) or number < 0:
+            raise BicmError(f"--lambda-t must be a finite number >= 0, not {value!r}")
+        return number
+    from .backbone import recorded_lambda_t
+
+    found = recorded_lambda_t(model, checkpoint)
+    if found is not None:
+        return found
+    raise BicmError(
+        "--lambda-t auto: no calibrated lambda_t recorded for this model (a 'lambda_t' entry in the card beside its weights); "
+        "compute one with 'bicm pseudo-label --calibrate-lambda-t' on unlabelled images and pass the number"
+    )
+
+
 LAMBDA_K_OPT = typer.Option(1.0, help="Weight of the KAM score S_KAM.")
 MAX_PIXELS_OPT = typer.Option(
     16_000_000, help="Downscale larger images to this many pixels before the work (boxes stay in original pixels); 0: never."
@@ -200,7 +230,7 @@ def ground(
     td_scale: TdScaleOpt = typer.Option("raw", help="Map scale for S_TD: raw (paper, with lambda_t=1000) or normalized."),
     selection: SelectionOpt = typer.Option("argmax", help="How the output box is chosen from the candidates."),
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
-    lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
+    lambda_t: str = LAMBDA_T_OPT,
     region_rule: RegionOpt = typer.Option("largest", help="Region of the thresholded map that makes QAM's box."),
     class_prompt: str = typer.Option("{}", help="Template for class names, e.g. 'a photo of a {}.'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
@@ -225,7 +255,7 @@ def ground(
     config = BiCMConfig(
         components=comps,
         thr_a=thr_a,
-        lambda_t=lambda_t,
+        lambda_t=_lambda_t(lambda_t, model, checkpoint),
         lambda_k=lambda_k,
         attention=attention,
         region_rule=region_rule,
@@ -278,7 +308,7 @@ def ground(
 @user_errors
 @resumable
 def evaluate_command(
-    dataset: str = typer.Option(..., help="flickr, referit, unc, unc+, gref, gref_umd (TransVG files), refcoco, refcoco+, refcocog, refclef (refer API), flickr30k_entities (raw), jsonl."),
+    dataset: str = typer.Option(..., help="flickr, referit, unc, unc+, gref, gref_umd (TransVG files), refcoco, refcoco+, refcocog, refclef (refer API), flickr30k_entities (raw), jsonl, shapes-ref, shapes-phrase (the offline shapes world)."),
     split: str = typer.Option(..., help="test, val, testA, testB, ..."),
     annotations: Optional[Path] = typer.Option(None, help="Annotation folder or file of the dataset (see bicm.data) [shapes: generated]."),
     images: Optional[Path] = typer.Option(None, help="Image folder; every image is checked before work starts [shapes: generated]."),
@@ -313,7 +343,7 @@ def evaluate_command(
     threads: int = THREADS_OPT,
     compile_: bool = COMPILE_OPT,
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
-    lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
+    lambda_t: str = LAMBDA_T_OPT,
     kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': adds the QAM+COM+SF+KAM row."),
     lambda_k: float = LAMBDA_K_OPT,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
@@ -333,17 +363,17 @@ def evaluate_command(
     from .proposals.naming import ClipNamer
     from .proposals.sources import make_source
 
-    if dataset == "shapes":
-        from .shapes.dataset import ensure_shapes
+    if dataset.startswith("shapes"):
+        from .shapes.dataset import protocol_of, shapes_folder
 
-        annotations = ensure_shapes(annotations, (split,))
+        annotations = shapes_folder(annotations, protocol_of(dataset), split)
         images = images or annotations
     if annotations is None or images is None:
         raise BicmError(f"dataset {dataset} needs --annotations and --images")
     samples = load_dataset(dataset, split, annotations, image_root=images)
     policy = paper_selection(dataset) if selection == "paper" else selection
     base = BiCMConfig(
-        thr_a=thr_a, lambda_t=lambda_t, lambda_k=lambda_k, selection=policy,  # type: ignore[arg-type]
+        thr_a=thr_a, lambda_t=_lambda_t(lambda_t, model, checkpoint), lambda_k=lambda_k, selection=policy,  # type: ignore[arg-type]
         max_pixels=max_pixels or None, max_proposals=max_proposals or None,
     )
     rows = ablation_rows(ablation, base, kam=kam is not None)
@@ -408,11 +438,11 @@ def _report(summary: dict, run_dir: Path, summary_json: Optional[Path], feature_
 def train_clip_command(
     out: Path = typer.Option(Path("shapes-clip.safetensors"), "--out", "-o", help="Weights file to write (safetensors); card, curves and history beside it."),
     seed: int = typer.Option(0, help="Seed of the data and the initialisation."),
-    steps: int = typer.Option(1700, help="Optimisation steps (batch 256; ~1.2 s each on a 2-core CPU)."),
+    steps: int = typer.Option(2600, help="Optimisation steps (batch 256; ~1.65 s each on a 2-core CPU)."),
     batch_size: int = typer.Option(256, help="Pairs per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
     scenes: int = typer.Option(14000, help="Scenes in the image pool."),
-    singles: int = typer.Option(14000, help="Single-object images in the pool."),
+    singles: int = typer.Option(7000, help="Single-object images in the pool."),
     threads: int = typer.Option(2, help="CPU threads (and pool-generation processes)."),
     save_every: int = typer.Option(100, help="Save the resumable training state every N steps (0: only on Ctrl-C)."),
 ) -> None:
@@ -451,12 +481,66 @@ def train_clip_command(
     )
 
 
+@app.command("train-detector")
+@user_errors
+@resumable
+def train_detector_command(
+    out: Path = typer.Option(Path("shapes-detector.safetensors"), "--out", "-o", help="Weights file to write (safetensors); JSON and markdown cards and the loss history beside it."),
+    seed: int = typer.Option(0, help="Seed of the initialisation, the data order and the flips."),
+    steps: int = typer.Option(4000, help="Optimisation steps (batch 4; ~0.7 s each measured on a busy 2-core CPU, so ~50 min or less in all)."),
+    batch_size: int = typer.Option(4, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    train_images: int = typer.Option(3000, help="Train images used from each protocol (the world has 3,000 each)."),
+    eval_images: int = typer.Option(200, help="Test scenes of each protocol for the card's recall and AP (0: none)."),
+    root: Optional[Path] = typer.Option(None, help="Folder of the shapes world (written when missing) [default: ~/.cache/bicm/shapes-v2]."),
+    threads: int = typer.Option(2, help="CPU threads (use 1 while other jobs share the CPU: 2 threads then stall, ~10x slower)."),
+    save_every: int = typer.Option(200, help="Save the resumable training state every N steps (0: only on Ctrl-C)."),
+) -> None:
+    """Train the shapes-world detector (Faster R-CNN from scratch on boxes and shape names) for '--proposals shapes-detector'."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .shapes.detector import DetectorConfig, state_path, train_detector
+
+    if steps < 1 or batch_size < 1 or train_images < 1 or eval_images < 0 or threads < 1 or save_every < 0:
+        raise BicmError("steps, batch size, train images and threads >= 1, eval images and save-every >= 0 please")
+    if lr <= 0:
+        raise BicmError(f"--lr must be positive, not {lr}")
+    cfg = DetectorConfig(seed=seed, steps=steps, batch_size=batch_size, lr=lr, train_images=train_images, threads=threads)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns) as progress:
+        data_task = progress.add_task("world", total=None, info="", visible=False)
+        step_task = progress.add_task("steps", total=steps, info="")
+
+        def on_data(what: str, done: int, total: int) -> None:
+            progress.update(data_task, description=f"world {what}", completed=done, total=total, visible=True)
+
+        def on_step(step: int, record: dict) -> None:
+            progress.update(step_task, completed=step, info=f"loss {record['loss']:.3f}")
+
+        def on_resume(step: int) -> None:
+            progress.update(step_task, completed=step)
+            print(f"bicm: resuming from step {step} ({state_path(out)})", file=sys.stderr)
+
+        def on_eval(protocol: str) -> None:
+            progress.update(step_task, info=f"evaluating on {eval_images} shapes-{protocol} test scenes")
+
+        card = train_detector(
+            cfg, out, root=root, on_step=on_step, on_data=on_data, on_resume=on_resume, on_eval=on_eval,
+            save_every=save_every, eval_images=eval_images,
+        )
+    scores = [
+        f"{p}: recall@0.5 {100 * m['recall@0.5']:.1f}% (right class {100 * m['recall@0.5_with_class']:.1f}%), mAP@0.5 {100 * (m['map@0.5'] or 0):.1f}%"
+        for p, m in card["metrics"].items() if isinstance(m, dict) and "recall@0.5" in m
+    ]
+    print(f"bicm: wrote {out} ({card['training_seconds'] / 60:.1f} min" + (f"; {'; '.join(scores)})" if scores else ")"), file=sys.stderr)
+
+
 @app.command("pseudo-label")
 @user_errors
 @resumable
 def pseudo_label_command(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (matches, pairs, labels, KAM features, summary); rerun to resume."),
-    dataset: Optional[str] = typer.Option(None, help="Take a dataset's split apart (images and queries unpaired): shapes, or a 'bicm eval' dataset."),
+    dataset: Optional[str] = typer.Option(None, help="Take a dataset's split apart (images and queries unpaired): shapes-ref / shapes-phrase (their unpaired train split), or a 'bicm eval' dataset."),
     split: str = typer.Option("train", help="Split of --dataset."),
     annotations: Optional[Path] = typer.Option(None, help="Annotation folder or file of --dataset [shapes: generated]."),
     images: Optional[Path] = typer.Option(None, help="Image folder of --dataset, or (without --dataset) a folder or list of images (.txt, .jsonl with 'image')."),
@@ -487,11 +571,16 @@ def pseudo_label_command(
     threads: int = THREADS_OPT,
     compile_: bool = COMPILE_OPT,
     thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
-    lambda_t: float = typer.Option(1000.0, help="Weight of the top-down score S_TD."),
+    lambda_t: str = LAMBDA_T_OPT,
     selection: SelectionOpt = typer.Option("argmax", help="How the labelled box is chosen from the candidates."),
     cache: Optional[Path] = typer.Option(None, help="Feature cache file [default: ~/.cache/bicm/features.sqlite]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything, store nothing in the shared cache."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    calibrate: bool = typer.Option(
+        False, "--calibrate-lambda-t",
+        help="Instead of labelling: compute lambda_t by the paper's rule (10^round(log10(median S_BU / median S_TD)) over the "
+        "candidates of the same unlabelled pairs) and write OUT/lambda_t.json.",
+    ),
 ) -> None:
     """KAM step 1: pair unpaired images with their most similar query, ground them, keep the sure boxes."""
     from .api import BiCMConfig, Grounder
@@ -503,8 +592,10 @@ def pseudo_label_command(
     _use_threads(threads)
     if limit is not None and limit < 1:
         raise BicmError("--limit must be at least 1")
-    if dataset == "shapes":
-        data = shapes_unpaired(annotations, reveal_truth, limit)
+    if dataset is not None and dataset.startswith("shapes"):
+        if split != "train":
+            raise BicmError("the shapes world's unpaired data is its train split (--split train)")
+        data = shapes_unpaired(annotations, dataset, reveal_truth, limit)
     elif dataset is not None:
         from .data import load_dataset
 
@@ -521,7 +612,7 @@ def pseudo_label_command(
         data.images, data.queries = read_image_list(images)[:limit], read_query_list(queries)
         data.images_desc, data.queries_desc = str(images), str(queries)
     comps = tuple(c.strip() for c in components.split(",") if c.strip())
-    config = BiCMConfig(components=comps, thr_a=thr_a, lambda_t=lambda_t, selection=selection)
+    config = BiCMConfig(components=comps, thr_a=thr_a, lambda_t=_lambda_t(lambda_t, model, checkpoint), selection=selection)
     options = _source_options(top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device)
     source = make_source(proposals, **options)
     backbone = load_backbone(
@@ -530,6 +621,17 @@ def pseudo_label_command(
     grounder = Grounder(backbone, config, cache=_feature_cache(cache, no_cache))
     if name_with is not None:
         grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
+    if calibrate:
+        from .pseudo import calibrate_lambda
+
+        found = calibrate_lambda(grounder, data.images, data.queries, out, source=source, progress=not no_progress)
+        typer.echo(json.dumps(found, indent=1))
+        print(
+            f"bicm: lambda_t = {found['lambda_t']:g} (median |S_BU| {found['median_abs_s_bu']:.3g}, median |S_TD| "
+            f"{found['median_abs_s_td']:.3g}, {found['candidates']} candidates of {found['pairs']} unlabelled pairs); wrote {out}/lambda_t.json",
+            file=sys.stderr,
+        )
+        return
     summary = run_pseudo_label(
         grounder, data.images, data.queries, out, source=source, thr_k=thr_k, features_above=features_above,
         truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not no_progress,
@@ -618,19 +720,18 @@ def demo(
     out: Path = typer.Option(Path("bicm-demo.png"), "--out", "-o", help="Picture to write."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
 ) -> None:
-    """Offline demo: the bundled example scene, the shipped shapes CLIP, selective-search proposals."""
+    """Offline demo: the bundled example scene, the shipped shapes CLIP and shapes detector, BiCM (QAM+COM+SF)."""
     from .api import Grounder
     from .imageio import load_image
-    from .proposals.naming import ClipNamer
-    from .proposals.selective import SelectiveSearch
-    from .shapes.examples import example_image, example_queries
+    from .proposals.sources import make_source
+    from .shapes.examples import EXAMPLE_SELECTION, example_image, example_queries
     from .viz import save_visualization
 
     path = example_image()
     queries = list(queries or example_queries())
-    grounder = Grounder.from_pretrained("shapes", device="cpu")
-    grounder.namer = ClipNamer(grounder.backbone, "shapes", encode_text=grounder.encoder.text)
-    results = grounder.ground_many(path, queries, SelectiveSearch(top_n=100))
+    # the shipped shapes CLIP and detector, the phrase protocol's selection and the lambda_t calibrated for the model
+    grounder = Grounder.from_pretrained("shapes", device="cpu", selection=EXAMPLE_SELECTION, lambda_t=_lambda_t("auto", None, None))
+    results = grounder.ground_many(path, queries, make_source("shapes-detector"))
     if as_json:
         for result in results:
             typer.echo(json.dumps({"image": path.name, **result.to_dict(candidates=False)}))

@@ -50,6 +50,7 @@ __all__ = [
     "KAM_ROW",
     "ablation_rows",
     "mcnemar",
+    "PAIRED_STEPS",
     "paper_selection",
     "wilson_interval",
     "EvalRun",
@@ -88,14 +89,30 @@ ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 
 
+#: Consecutive rows compared on the same queries (exact McNemar): the paper's order in
+#: Table 4 (QAM < COM < QAM+COM <= QAM+COM+SF < +KAM), QA against VA (Table 5), and each
+#: kind of information against both (Table 6).
+PAIRED_STEPS: tuple[tuple[str, str], ...] = (
+    ("QAM", "COM"),
+    ("COM", "QAM+COM"),
+    ("QAM+COM", MAIN_ROW),
+    (MAIN_ROW, KAM_ROW),
+    ("QAM (VA) + COM", "QAM (QA) + COM"),
+    ("QAM (VA) + COM + SF", "QAM (QA) + COM + SF"),
+    ("object class name", "visual object + class name"),
+    ("visual object", "visual object + class name"),
+)
+
+
 def paper_selection(dataset: str) -> str:
     """The paper's selection protocol (Sec. 4.1): the union of the above-mean boxes on
     Flickr30K (phrases may cover several boxes), the largest above-mean box on ReferItGame and
-    the RefCOCO family; datasets the paper did not use (``jsonl``, ``shapes``) take the argmax,
-    the method as described."""
-    if dataset in ("flickr", "flickr30k_entities"):
+    the RefCOCO family. The shapes world's two protocols follow the datasets they stand for
+    (``shapes-phrase``: Flickr30K, ``shapes-ref``: RefCOCO); ``jsonl`` takes the argmax, the
+    method as described."""
+    if dataset in ("flickr", "flickr30k_entities", "shapes-phrase"):
         return "union-above-mean"
-    if dataset in ("referit", "refclef", "unc", "unc+", "gref", "gref_umd", "refcoco", "refcoco+", "refcocog"):
+    if dataset in ("referit", "refclef", "unc", "unc+", "gref", "gref_umd", "refcoco", "refcoco+", "refcocog", "shapes-ref"):
         return "largest-above-mean"
     return "argmax"
 
@@ -386,6 +403,9 @@ def summarize(records: Sequence[dict[str, Any]], run: EvalRun) -> dict[str, Any]
     }
     if MAIN_ROW in run.rows and KAM_ROW in run.rows:
         summary["paired"] = mcnemar(records, MAIN_ROW, KAM_ROW)
+    steps = [mcnemar(records, a, b) for a, b in PAIRED_STEPS if a in run.rows and b in run.rows]
+    if steps:
+        summary["steps"] = steps
     kinds = sorted({r["kind"] for r in records if r.get("kind")})
     if kinds:
         summary["by_kind"] = {
@@ -454,6 +474,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"{100 * paired['difference']:+.2f} points ({paired['b_only']} queries only it gets right, "
             f"{paired['a_only']} only {paired['a']}); exact McNemar p = {paired['p_value']:.3g}.",
         ]
+    steps = summary.get("steps")
+    if steps:
+        lines += ["", "Consecutive rows on the same queries (exact McNemar)", "",
+                  "| from | to | change (points) | only `to` right | only `from` right | p |", "|---|---|---:|---:|---:|---:|"]
+        for step in steps:
+            lines.append(f"| {step['a']} | {step['b']} | {100 * step['difference']:+.2f} | {step['b_only']} | {step['a_only']} | {step['p_value']:.2g} |")
     by_kind = summary.get("by_kind")
     if by_kind:
         kinds = list(by_kind)

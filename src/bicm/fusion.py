@@ -24,13 +24,14 @@ back to the argmax.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
 
 from .boxes import union_box
 
-__all__ = ["SelectionPolicy", "SELECTION_POLICIES", "integral_image", "box_means", "fuse", "select", "union_box"]
+__all__ = ["SelectionPolicy", "SELECTION_POLICIES", "integral_image", "box_means", "fuse", "calibrate_lambda_t", "select", "union_box"]
 
 SelectionPolicy = Literal["argmax", "union-above-mean", "largest-above-mean"]
 SELECTION_POLICIES: tuple[str, ...] = ("argmax", "union-above-mean", "largest-above-mean")
@@ -94,6 +95,30 @@ def fuse(
     if total is None:
         raise ValueError("fuse needs at least one score")
     return total
+
+
+def calibrate_lambda_t(s_bu: torch.Tensor, s_td: torch.Tensor) -> float:
+    """``lambda_t`` by the paper's rule: the power of ten that gives ``lambda_t * S_TD`` the
+    order of magnitude of ``S_BU`` (Sec. 4.1: "to make the three scores have similar orders
+    of magnitude").
+
+    Parameters
+    ----------
+    s_bu, s_td: the scores of the candidates of unlabelled images and queries (any shape,
+        the same number of values); no ground truth is involved.
+
+    Returns
+    -------
+    ``10 ** round(log10(median |S_BU| / median |S_TD|))``.
+    """
+    bu = s_bu.detach().double().abs().flatten()
+    td = s_td.detach().double().abs().flatten()
+    if bu.numel() == 0 or td.numel() == 0:
+        raise ValueError("calibrate_lambda_t needs scores")
+    bu_median, td_median = float(bu.median()), float(td.median())
+    if not (bu_median > 0 and td_median > 0):
+        raise ValueError("calibrate_lambda_t needs non-zero scores")
+    return float(10.0 ** round(math.log10(bu_median / td_median)))
 
 
 def select(

@@ -40,6 +40,7 @@ __all__ = [
     "TABLE7_THRESHOLDS",
     "best_queries",
     "run_pseudo_label",
+    "calibrate_lambda",
     "read_kam_pairs",
     "precision_table",
     "table7_markdown",
@@ -245,6 +246,61 @@ def _match(grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list
             out.append({"id": key, "image": str(files[key]), "query": None, "similarity": None, "error": errors[key]})
     atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in out))
     return out
+
+
+def calibrate_lambda(
+    grounder: Grounder,
+    images: Sequence[tuple[str, Path]],
+    queries: Sequence[str],
+    out_dir: Union[str, Path],
+    *,
+    source: Optional[ProposalSource],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``lambda_t`` by the paper's rule, from unlabelled images and queries (no truth).
+
+    Each image is paired with its most similar query (as KAM pairs them, cached in
+    ``out_dir/matches.jsonl``) and grounded with QAM+COM+SF; the candidates' ``S_BU`` and raw
+    ``S_TD`` give ``lambda_t = 10 ** round(log10(median |S_BU| / median |S_TD|))``
+    (:func:`bicm.fusion.calibrate_lambda_t`). Writes ``out_dir/lambda_t.json`` and returns it.
+    """
+    from .fusion import calibrate_lambda_t
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    queries = list(dict.fromkeys(" ".join(q.split()) for q in queries if q.strip()))
+    if not images or not queries:
+        raise BicmError("calibrating lambda_t needs images and queries")
+    cfg = grounder.config.replace(components=("qam", "com", "sf"), td_scale="raw", selection="argmax")
+    matches = _match(grounder, images, queries, out_dir, progress)
+    bu, td = [], []
+    with _Bar(progress, "calibrate", len(matches), 0) as bar:
+        for match in matches:
+            bar.advance(None, None)
+            if match.get("error"):
+                continue
+            pil = load_image(match["image"], exif_transpose=False)
+            result = grounder.score(grounder.extract(pil, [match["query"]], source, image_key=match["id"]), cfg)[0]
+            c = result.candidates
+            if result.box is None or c.s_td is None or c.s_pq is None:
+                continue
+            bu.append(c.s_pq + (c.s_cq if c.s_cq is not None else 0))
+            td.append(c.s_td)
+    if not bu:
+        raise BicmError("no image gave candidates to calibrate on")
+    s_bu, s_td = torch.cat(bu), torch.cat(td)
+    summary = {
+        "lambda_t": calibrate_lambda_t(s_bu, s_td),
+        "rule": "10 ** round(log10(median |S_BU| / median |S_TD|)) over the candidates of unlabelled image-query pairs",
+        "median_abs_s_bu": float(s_bu.abs().median()),
+        "median_abs_s_td": float(s_td.abs().median()),
+        "pairs": len(bu),
+        "candidates": int(s_bu.numel()),
+        "model": f"{grounder.backbone.name}@{grounder.backbone.fingerprint()}",
+        "proposals": "none" if source is None else source.id,
+    }
+    atomic_write_text(out_dir / "lambda_t.json", json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def _ground_pair(
@@ -486,17 +542,19 @@ def truth_from_records(records: Sequence[dict[str, Any]]) -> Truth:
     return truth
 
 
-def shapes_unpaired(root: Union[str, Path, None], reveal_truth: bool, limit: Optional[int] = None) -> UnpairedData:
-    """The shapes world's unpaired train split (images, the queries of other scenes)."""
-    from .shapes.dataset import ensure_shapes
+def shapes_unpaired(root: Union[str, Path, None], dataset: str, reveal_truth: bool, limit: Optional[int] = None) -> UnpairedData:
+    """A shapes protocol's unpaired train split, as the paper's: the images of the train
+    scenes and the queries of the SAME scenes, with the pairing dropped (the truth is read only
+    for ``reveal_truth``, Table 7)."""
+    from .shapes.dataset import protocol_of, shapes_folder
 
-    root = ensure_shapes(root, ("train",))
-    images = [(r["image"], root / r["image"]) for r in read_jsonl(root / "train_images.jsonl")]
-    queries = [r["query"] for r in read_jsonl(root / "train_queries.jsonl")]
+    folder = shapes_folder(root, protocol_of(dataset), "train")
+    images = [(r["image"], folder / r["image"]) for r in read_jsonl(folder / "train_images.jsonl")]
+    queries = list(dict.fromkeys(r["query"] for r in read_jsonl(folder / "train_queries.jsonl")))
     if limit is not None:
         images = images[:limit]
-    truth = truth_from_records(list(read_jsonl(root / "train_truth.jsonl"))) if reveal_truth else None
-    return UnpairedData(images, queries, truth, f"shapes train ({root})", f"shapes train_queries ({root})")
+    truth = truth_from_records(list(read_jsonl(folder / "train_truth.jsonl"))) if reveal_truth else None
+    return UnpairedData(images, queries, truth, f"{dataset} train images ({folder})", f"{dataset} train queries ({folder})")
 
 
 def dataset_unpaired(samples: Sequence[Any], image_root: Path, name: str, reveal_truth: bool) -> UnpairedData:

@@ -71,7 +71,8 @@ MB = 1024 * 1024
 #: Bytes a multipart form adds around the image (boundaries, headers, the text fields).
 FORM_OVERHEAD = 256 * 1024
 
-#: Proposal sources the page offers (a detections file is never accepted from a client).
+#: Proposal sources the page offers (a detections file is never accepted from a client); with
+#: the shipped shapes CLIP the shapes detector comes first.
 PROPOSAL_CHOICES = ("selective-search", "none")
 
 #: How many of the best candidates the page's score table shows.
@@ -266,6 +267,8 @@ class DemoService:
     limits: :class:`ServeLimits`.
     top_n, ss_mode: selective-search options (as ``bicm ground``).
     examples: bundled images by name (default :func:`bundled_examples`).
+    detector: a proposal source offered first on the page as ``"shapes-detector"`` (the
+        shapes world's detector, with the shipped shapes CLIP), or ``None``.
     """
 
     def __init__(
@@ -277,6 +280,7 @@ class DemoService:
         top_n: int = 100,
         ss_mode: str = "fast",
         examples: Optional[Mapping[str, Example]] = None,
+        detector: Optional["ProposalSource"] = None,
     ) -> None:
         from .api import Grounder
         from .proposals.selective import SelectiveSearch
@@ -293,6 +297,7 @@ class DemoService:
         )
         self.model_name = model_name or grounder.backbone.name
         self.sources: dict[str, Optional["ProposalSource"]] = {
+            **({"shapes-detector": detector} if detector is not None else {}),
             "selective-search": SelectiveSearch(mode=ss_mode, top_n=top_n),
             "none": None,
         }
@@ -316,7 +321,7 @@ class DemoService:
             "model": self.model_name,
             "components": list(self.components),
             "default_components": list(self.grounder.config.components),
-            "proposal_sources": list(PROPOSAL_CHOICES),
+            "proposal_sources": list(self.sources),
             "naming": None if namer is None else namer.vocabulary.name,
             "examples": [
                 {"name": e.name, "queries": list(e.queries), "description": e.description, "url": f"/api/examples/{e.name}.png"}
@@ -409,7 +414,7 @@ class DemoService:
         from .viz import render_visualization
 
         if proposals not in self.sources:
-            raise DemoError(f"unknown proposal source {str(proposals)[:40]!r}; choose from {', '.join(PROPOSAL_CHOICES)}")
+            raise DemoError(f"unknown proposal source {str(proposals)[:40]!r}; choose from {', '.join(self.sources)}")
         timing = _Timing()
         grounder = self.grounder.with_config(components=tuple(components))
         deadline = time.monotonic() + self.limits.timeout_s if deadline is None else deadline
@@ -568,7 +573,7 @@ def create_app(service: DemoService):
                 raise DemoError("choose an image to upload or a bundled example")
             queries = service.parse_queries(_text(form.get("queries")))
             components = service.parse_components(_text(form.get("components")) or "qam,com,sf")
-            proposals = _text(form.get("proposals")) or "selective-search"
+            proposals = _text(form.get("proposals")) or next(iter(service.sources))
             loop = asyncio.get_running_loop()
             work = loop.run_in_executor(
                 service.executor,
@@ -702,11 +707,22 @@ def start_service(
     grounder = Grounder.from_pretrained(
         model, pretrained, checkpoint=checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, kam=kam, precision=precision
     )
-    if name_with is None and model == SHAPES_MODEL and checkpoint is None and pretrained is None:
-        name_with = "shapes"
+    detector = None
+    if model == SHAPES_MODEL and checkpoint is None and pretrained is None:
+        from .proposals.sources import make_source
+
+        from .shapes.examples import EXAMPLE_SELECTION
+
+        name_with = name_with or "shapes"
+        detector = make_source("shapes-detector", top_n=top_n)  # the shapes world's own detector, as bicm demo
+        from .backbone import recorded_lambda_t
+
+        # the phrase protocol's selection and the model's calibrated lambda_t, as bicm demo
+        lambda_t = recorded_lambda_t(SHAPES_MODEL)
+        grounder = grounder.with_config(selection=EXAMPLE_SELECTION, **({} if lambda_t is None else {"lambda_t": lambda_t}))
     if name_with is not None:
         grounder.namer = ClipNamer(grounder.backbone, name_with, name_template, encode_text=grounder.encoder.text)
-    return DemoService(grounder, model_name=grounder.backbone.name, limits=limits, top_n=top_n, ss_mode=ss_mode)
+    return DemoService(grounder, model_name=grounder.backbone.name, limits=limits, top_n=top_n, ss_mode=ss_mode, detector=detector)
 
 
 def serve_command(host: str, port: int, **options: Any) -> None:

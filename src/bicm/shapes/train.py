@@ -32,7 +32,7 @@ from ..atomic import atomic_write_text
 from ..backbone import PreprocessSpec, save_checkpoint
 from ..interrupt import Interrupted, deferred, ignore_in_worker, load_state, save_state as write_state, state_path
 from ..provenance import versions
-from .world import COLOURS, SHAPES, ShapeObject, expressions, make_scene, render, single_object_image
+from .world import COLOURS, SHAPES, WORLD_VERSION, Referent, ShapeObject, make_scene, phrase_text, referents, render, single_object_image
 
 __all__ = ["TrainConfig", "train_clip", "model_config"]
 
@@ -44,18 +44,19 @@ class TrainConfig:
     seed: int = 0
     image_size: int = 64
     patch_size: int = 8
-    width: int = 128
+    width: int = 192
     layers: int = 4
-    head_width: int = 32
+    head_width: int = 16
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 3
     context_length: int = 20
     embed_dim: int = 128
+    crop_scale: float = 0.8
     scenes: int = 14000
-    singles: int = 14000
+    singles: int = 7000
     batch_size: int = 256
-    steps: int = 1700
+    steps: int = 2600
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 100
@@ -99,30 +100,35 @@ class Sample:
     objects: tuple[ShapeObject, ...]
     width: int
     height: int
-    expressions: list[str] = field(default_factory=list)
+    referents: list[Referent] = field(default_factory=list)
     single: bool = False
 
 
-def _to_input(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """The uint8 pixels the model sees: the same bicubic squash as bicm.backbone.preprocess."""
-    resized = image.resize((spec.size[1], spec.size[0]), Image.BICUBIC)
+def _to_input(image: Image.Image, size: int) -> np.ndarray:
+    """``(3, size, size)`` uint8: the same bicubic squash as bicm.backbone.preprocess."""
+    resized = image.resize((size, size), Image.BICUBIC)
     return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def pool_size(cfg: "TrainConfig") -> int:
+    """Side of the stored pool images: the input size, or 1.25 times it when batches take
+    random crops (so that a crop is resized down, never up)."""
+    return cfg.image_size if cfg.crop_scale >= 1 else int(round(cfg.image_size * 1.25))
 
 
 def _make_chunk(args: tuple[int, int, int, dict]) -> list[Sample]:
     seed, start, count, cfg_dict = args
     cfg = TrainConfig(**cfg_dict)
-    spec = preprocess_spec(cfg)
+    side = pool_size(cfg)
     out = []
     for index in range(start, start + count):
         rng = np.random.default_rng([seed, index])
         if index < cfg.scenes:
-            scene = make_scene(rng, n_objects=int(rng.integers(1, 6)))
-            exprs = [e.text for e in expressions(scene)]
-            out.append(Sample(_to_input(render(scene), spec), scene.objects, scene.width, scene.height, exprs))
+            scene = make_scene(rng, "phrase" if rng.random() < 0.5 else "ref")
+            out.append(Sample(_to_input(render(scene), side), scene.objects, scene.width, scene.height, referents(scene)))
         else:
             image, obj = single_object_image(rng, side=96)
-            out.append(Sample(_to_input(image, spec), (obj,), 96, 96, [], single=True))
+            out.append(Sample(_to_input(image, side), (obj,), 96, 96, [], single=True))
     return out
 
 
@@ -166,24 +172,35 @@ def _absolute_position(obj: ShapeObject, width: int, height: int) -> Optional[st
 _FLIP = {"left": "right", "right": "left"}
 
 
+def _describe(obj: ShapeObject, rng: np.random.Generator) -> str:
+    return f"{obj.colour} {obj.shape}" if rng.random() < 0.8 else obj.shape
+
+
 def caption(sample: Sample, rng: np.random.Generator, flipped: bool) -> str:
-    """A fresh caption for a pool sample (positions follow the flip)."""
+    """A fresh caption for a pool sample (positions follow the flip).
+
+    Single objects: their name ("the red ellipse", "a red ellipse", "ellipse"). Scenes: one
+    of their referring expressions phrased in either style (the same generator as the
+    queries of the datasets, on other scenes), an object with its absolute position ("a red
+    ellipse on the left"), or a list of two or three of the objects ("a red ellipse and a
+    blue star").
+    """
     if sample.single:
         obj = sample.objects[0]
-        choice = rng.random()
-        if choice < 0.5:
-            return f"the {obj.colour} {obj.shape}"
-        if choice < 0.75:
-            return f"a {obj.colour} {obj.shape}"
-        return f"the {obj.shape}"
-    if sample.expressions and rng.random() < 0.6:
-        text = sample.expressions[int(rng.integers(len(sample.expressions)))]
-    else:
+        return str(rng.choice([f"the {obj.colour} {obj.shape}", f"a {obj.colour} {obj.shape}", f"{obj.colour} {obj.shape}", obj.shape]))
+    choice = rng.random()
+    if sample.referents and choice < 0.5:
+        ref = sample.referents[int(rng.integers(len(sample.referents)))]
+        text = phrase_text(ref, "ref" if rng.random() < 0.5 else "phrase", rng)
+    elif choice < 0.8 or len(sample.objects) < 2:
         obj = sample.objects[int(rng.integers(len(sample.objects)))]
-        words = ([obj.size] if rng.random() < 0.3 else []) + [obj.colour, obj.shape]
-        text = "a " + " ".join(words)
+        text = "a " + _describe(obj, rng)
         if rng.random() < 0.6:
             text += " " + _absolute_position(obj, sample.width, sample.height)
+    else:
+        k = min(len(sample.objects), int(rng.integers(2, 4)))
+        picked = rng.choice(len(sample.objects), size=k, replace=False)
+        text = " and ".join("a " + _describe(sample.objects[int(i)], rng) for i in picked)
     if flipped:
         text = " ".join(_FLIP.get(w, w) for w in text.split())
     return text
@@ -199,8 +216,27 @@ class Batches:
         self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
 
-    def pixels(self, arrays: list[np.ndarray]) -> torch.Tensor:
+    def pixels(self, arrays: list[np.ndarray], augment: bool = True) -> torch.Tensor:
+        """``(B, 3, S, S)`` normalised model inputs from pool images. With ``augment`` and
+        ``cfg.crop_scale < 1``, each is a random crop (area ``crop_scale``-1 of the image,
+        aspect 3/4-4/3, anywhere), as CLIP's training crops are; otherwise the whole image.
+        Either way resized to the input size by RoIAlign (bilinear, 2x2 samples per pixel)."""
+        from torchvision.ops import roi_align
+
         x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+        side, size = x.shape[-1], self.cfg.image_size
+        crop = augment and self.cfg.crop_scale < 1
+        if side != size or crop:
+            boxes = []
+            for b in range(x.shape[0]):
+                w = h = float(side)
+                if crop:
+                    area = float(self.rng.uniform(self.cfg.crop_scale, 1.0)) * side * side
+                    ratio = math.exp(float(self.rng.uniform(math.log(3 / 4), math.log(4 / 3))))
+                    w, h = min(float(side), math.sqrt(area * ratio)), min(float(side), math.sqrt(area / ratio))
+                x0, y0 = float(self.rng.uniform(0, side - w)), float(self.rng.uniform(0, side - h))
+                boxes.append([float(b), x0, y0, x0 + w, y0 + h])
+            x = roi_align(x, torch.tensor(boxes), output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         return (x - self.mean) / self.std
 
     def __call__(self, indices: Optional[np.ndarray] = None, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -212,7 +248,7 @@ class Batches:
             flip = augment and bool(self.rng.random() < 0.5)
             arrays.append(sample.pixels[:, :, ::-1] if flip else sample.pixels)
             texts.append(caption(sample, self.rng, flip))
-        return self.pixels(arrays), self.tokenizer(texts), texts
+        return self.pixels(arrays, augment), self.tokenizer(texts), texts
 
 
 # --------------------------------------------------------------------------------------
@@ -241,7 +277,7 @@ def zero_shot_single(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, n
     arrays, truth = [], []
     for _ in range(n):
         image, obj = single_object_image(rng, side=96)
-        arrays.append(_to_input(image, spec))
+        arrays.append(_to_input(image, cfg.image_size))
         truth.append(names.index(f"the {obj.colour} {obj.shape}"))
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -259,14 +295,23 @@ def held_out(cfg: TrainConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tens
     return Batches(pool, cfg, tokenizer, seed=cfg.seed + 3)(np.arange(len(pool)), augment=False)
 
 
-def clip_metrics(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
-    """What the model card reports: held-out retrieval and zero-shot single-object naming."""
+def clip_metrics(model: torch.nn.Module, cfg: TrainConfig, map_images: int = 0) -> dict[str, Any]:
+    """What the model card reports: held-out retrieval, zero-shot single-object naming and,
+    with ``map_images``, whether the attention maps localise (:func:`bicm.shapes.probe.map_metrics`
+    on that many ``val`` scenes of each protocol)."""
     import open_clip
+
+    from .probe import backbone_of, map_metrics
 
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
     images, tokens, texts = held_out(cfg, tokenizer)
     i2t, t2i = _retrieval(model, images, tokens, texts)
+    maps = {}
+    if map_images:
+        backbone = backbone_of(model, preprocess_spec(cfg), cfg.context_length)
+        maps = {"localisation": {p: map_metrics(backbone, p, "val", map_images) for p in ("ref", "phrase")}}
     return {
+        **maps,
         "retrieval": {
             "pairs": cfg.eval_pairs,
             "image_to_text_top1": i2t,
@@ -288,6 +333,7 @@ def train_clip(
     on_pool: Optional[Callable[[int, int], None]] = None,
     save_every: int = 100,
     on_resume: Optional[Callable[[int], None]] = None,
+    map_images: int = 100,
 ) -> dict[str, Any]:
     """Train the shapes CLIP and write ``out`` (safetensors), its curves and a model card.
 
@@ -400,7 +446,7 @@ def train_clip(
     model.eval()
     seconds = earlier_seconds + time.perf_counter() - started
     model = model.half().float()  # the card describes the shipped (float16) weights exactly
-    metrics = clip_metrics(model, cfg)
+    metrics = clip_metrics(model, cfg, map_images)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model.half(), out, model_config(cfg), preprocess_spec(cfg))
@@ -409,7 +455,7 @@ def train_clip(
         "command": f"bicm train-clip --out {out.name} --seed {cfg.seed} --steps {cfg.steps}",
         "config": asdict(cfg),
         "open_clip_model_cfg": model_config(cfg),
-        "world": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": ["small", "large"]},
+        "world": {"version": WORLD_VERSION, "shapes": list(SHAPES), "colours": list(COLOURS)},
         "training_seconds": round(seconds, 1),
         "pool_seconds": round(pool_seconds, 1),
         **metrics,
