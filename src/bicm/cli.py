@@ -720,11 +720,19 @@ def demo(
     out: Path = typer.Option(Path("bicm-demo.png"), "--out", "-o", help="Picture to write."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
 ) -> None:
-    """Offline demo: the bundled example scene, the shipped shapes CLIP and shapes detector, BiCM (QAM+COM+SF)."""
+    """Offline demo: the bundled example scene, the shipped shapes CLIP and shapes detector, BiCM (QAM+COM+SF).
+
+    The example's own phrases have known true boxes: the picture draws them (dashed green) and
+    every output gives the chosen box's IoU with its truth, so the demo shows how well the
+    method grounds, right or wrong.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
     from .api import Grounder
     from .imageio import load_image
     from .proposals.sources import make_source
-    from .shapes.examples import EXAMPLE_SELECTION, example_image, example_queries
+    from .shapes.examples import EXAMPLE_SELECTION, example_image, example_queries, example_truths
     from .viz import save_visualization
 
     path = example_image()
@@ -732,12 +740,22 @@ def demo(
     # the shipped shapes CLIP and detector, the phrase protocol's selection and the lambda_t calibrated for the model
     grounder = Grounder.from_pretrained("shapes", device="cpu", selection=EXAMPLE_SELECTION, lambda_t=_lambda_t("auto", None, None))
     results = grounder.ground_many(path, queries, make_source("shapes-detector"))
+    known = example_truths()
+    truths = [known.get(" ".join(q.split())) for q in queries]
+    overlaps = [
+        None if t is None else (0.0 if r.box is None else round(float(box_iou(torch.tensor([r.box]), torch.tensor([t]))[0, 0]), 4))
+        for r, t in zip(results, truths)
+    ]
     if as_json:
-        for result in results:
-            typer.echo(json.dumps({"image": path.name, **result.to_dict(candidates=False)}))
+        for result, truth, overlap in zip(results, truths, overlaps):
+            extra = {} if truth is None else {"truth": [round(v, 2) for v in truth], "iou": overlap}
+            typer.echo(json.dumps({"image": path.name, **result.to_dict(candidates=False), **extra}))
     else:
         _print_table(Path(path.name), results)
-    save_visualization(load_image(path), results, out)
+        for query, overlap in zip(queries, overlaps):
+            if overlap is not None:
+                print(f"bicm: {query!r}: IoU {overlap:.2f} with the true box ({'right' if overlap > 0.5 else 'wrong'} at 0.5)", file=sys.stderr)
+    save_visualization(load_image(path), results, out, truths=truths)
     print(f"bicm: wrote {out}", file=sys.stderr)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import textwrap
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from .api import GroundingResult
 from .atomic import atomic_path
@@ -23,6 +25,7 @@ def save_visualization(
     *,
     max_candidates: int = 30,
     dpi: int = 110,
+    truths: Optional[Sequence[Optional[Sequence[float]]]] = None,
 ) -> Path:
     """Draw one panel per query and write a PNG (or any format matplotlib knows) atomically.
 
@@ -30,10 +33,11 @@ def save_visualization(
     top-scoring candidates (thin white, up to ``max_candidates``), QAM's box ``P_t``
     (dashed yellow) and the chosen box (thick red), titled with the query and its score. Where
     CLIP's whole-image view (its center crop) did not reach, no heat is drawn and a dotted
-    black frame marks the view.
+    black frame marks the view. ``truths`` (one xyxy box or ``None`` per result) adds the true
+    box (dashed green) and the chosen box's IoU with it to each panel.
     """
     path = Path(path)
-    fig = _figure(image, results, max_candidates)
+    fig = _figure(image, results, max_candidates, truths)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     return path
@@ -55,7 +59,12 @@ def render_visualization(
     return buffer.getvalue()
 
 
-def _figure(image: Image.Image, results: Sequence[GroundingResult], max_candidates: int):
+def _figure(
+    image: Image.Image,
+    results: Sequence[GroundingResult],
+    max_candidates: int,
+    truths: Optional[Sequence[Optional[Sequence[float]]]] = None,
+):
     """One panel per result on a matplotlib ``Figure``.
 
     Built without pyplot (no global figure registry), so that threads of a server can draw at
@@ -78,7 +87,10 @@ def _figure(image: Image.Image, results: Sequence[GroundingResult], max_candidat
     pixels = np.asarray(image)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, result in zip(axes.flat, results):
+    truths = list(truths) if truths is not None else [None] * n
+    if len(truths) != n:
+        raise ValueError(f"{len(truths)} true boxes for {n} results")
+    for ax, result, truth in zip(axes.flat, results, truths):
         extent = (0, image.width, image.height, 0)  # pixel i spans [i, i + 1): the box convention
         ax.imshow(pixels, extent=extent)
         if result.attention is not None:
@@ -102,6 +114,10 @@ def _figure(image: Image.Image, results: Sequence[GroundingResult], max_candidat
         if result.box is not None:
             _rect(ax, Rectangle, result.box, "red", 2.8, "-", 1.0)
         score = "no box" if result.score is None else f"score {result.score:.3f}"
+        if truth is not None:
+            _rect(ax, Rectangle, truth, "lime", 2.2, "--", 1.0)
+            overlap = 0.0 if result.box is None else float(box_iou(torch.tensor([result.box]), torch.tensor([list(truth)]))[0, 0])
+            score += f", IoU {overlap:.2f} with the truth (green)"
         title = "\n".join(textwrap.wrap(f'"{result.query}"', 50)[:2])
         ax.set_title(f"{title}\n{score}", fontsize=10)
         ax.set_xlim(0, image.width)

@@ -7,6 +7,10 @@ queries of the split:
   a plural), for the query-aware map (QA, Eqs. 1-5) and vanilla attention (VA);
 * QAM's box ``P_t`` (Thr_a 0.7, largest region): IoU with the truth (share > 0.5, median)
   and its area relative to the truth;
+* how concentrated the last block's [CLS] attention is (per head, over the patches): the share
+  the top patch takes and the effective number of patches ``exp(entropy)``, and the share of
+  the patch grid that the query-aware map holds at >= 0.7 of its range. A map that sits on one
+  patch gives a ``P_t`` of about one patch, however large the object;
 
 each overall, by query kind and by the truth's area as a share of the image
 (:data:`AREA_BINS`). Used to choose a shapes CLIP (``bicm train-clip`` reports it in the
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from ..backbone import Backbone, preprocess
-from ..qam import compute_maps, threshold_box
+from ..qam import cls_attention, compute_maps, patch_maps, threshold_box, vision_prefix
 from .world import iou, render
 
 __all__ = ["AREA_BINS", "area_bin", "map_metrics"]
@@ -70,6 +74,8 @@ def map_metrics(
     from .dataset import PER_IMAGE, pick_expressions, scene_for, split_seed
 
     rows: list[dict[str, Any]] = []
+    top_share, effective, hot = [], [], []
+    visual = backbone.model.visual
     for index in range(images):
         scene = scene_for(protocol, split, index)
         exprs = pick_expressions(scene, PER_IMAGE[protocol], np.random.default_rng([split_seed(protocol, split), index, 1]))
@@ -78,8 +84,16 @@ def map_metrics(
         pixels, geometry = preprocess(render(scene), backbone.spec)
         text = backbone.encode_text([e.text for e in exprs])
         qa = compute_maps(backbone, pixels, geometry, text, "qa")
+        with torch.no_grad():
+            att, _ = cls_attention(visual.transformer.resblocks[-1], vision_prefix(visual, pixels[None].to(backbone.device)))
+        patches = att[0, :, 1:] / att[0, :, 1:].sum(-1, keepdim=True)  # (heads, U) over the patches
+        top_share += patches.max(-1).values.tolist()
+        effective += torch.exp(-(patches * patches.clamp_min(1e-12).log()).sum(-1)).tolist()
         va = compute_maps(backbone, pixels, geometry, text[:1], "va")
         va_y, va_x = divmod(int(va.raw[0].argmax()), va.raw.shape[2])
+        grid_maps = _grid_maps(backbone, pixels, text)
+        span = grid_maps.amax((1, 2), keepdim=True) - grid_maps.amin((1, 2), keepdim=True)
+        hot += (((grid_maps - grid_maps.amin((1, 2), keepdim=True)) >= 0.7 * span).float().mean((1, 2))).tolist()
         for i, e in enumerate(exprs):
             boxes = [scene.objects[t].box for t in e.targets]
             y, x = divmod(int(qa.raw[i].argmax()), qa.raw.shape[2])
@@ -105,10 +119,27 @@ def map_metrics(
         "protocol": protocol,
         "split": split,
         "images": images,
+        "attention": {
+            "top_patch_share_median": round(float(np.median(top_share)), 4),
+            "effective_patches_median": round(float(np.median(effective)), 2),
+            "patches": int(visual.grid_size[0] * visual.grid_size[1]),
+            "qa_hot_patch_share_median": round(float(np.median(hot)), 4),
+        },
         "all": _summarise(rows),
         "by_kind": {k: _summarise(v) for k, v in sorted(by_kind.items())},
         "by_area": {name: _summarise(by_area[name]) for _, name in AREA_BINS if by_area.get(name)},
     }
+
+
+def _grid_maps(backbone: Backbone, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(Q, rows, cols)`` query-aware maps on the patch grid (Eqs. 1-5, before upsampling)."""
+    from ..qam import attention_and_gradients
+
+    visual = backbone.model.visual
+    with torch.no_grad():
+        x = vision_prefix(visual, pixels[None].to(backbone.device))
+    att, alpha, _ = attention_and_gradients(visual, x.float(), text.float())
+    return patch_maps(att, alpha, tuple(int(g) for g in visual.grid_size), "qa")
 
 
 def backbone_of(model: torch.nn.Module, spec: Any, context_length: int) -> Backbone:

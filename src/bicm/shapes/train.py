@@ -257,7 +257,7 @@ class Batches:
 def _retrieval(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor, texts: list[str]) -> tuple[float, float]:
     """Top-1 image->text and text->image accuracy over ``len(images)`` held-out pairs.
 
-    Captions repeat (many images are "the red circle"), so retrieving any caption with the
+    Captions repeat (many images are "the red ellipse"), so retrieving any caption with the
     same text, or any image whose caption has the same text, counts as correct.
     """
     with torch.inference_mode():

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..world import Scene, expressions, make_scene
 
-__all__ = ["FIRST_SEED", "EXAMPLE_PROTOCOL", "EXAMPLE_SELECTION", "example_seed", "example_scene", "example_image", "example_queries"]
+__all__ = ["FIRST_SEED", "EXAMPLE_PROTOCOL", "EXAMPLE_SELECTION", "example_seed", "example_scene", "example_image", "example_queries", "example_truths"]
 
 FIRST_SEED = 20261200
 EXAMPLE_PROTOCOL = "phrase"
@@ -66,3 +66,9 @@ def example_image() -> Path:
 def example_queries() -> list[str]:
     """The example's attribute, position and plural phrase, in that order."""
     return [e.text for e in _chosen(example_scene())]
+
+
+def example_truths() -> dict[str, tuple[float, float, float, float]]:
+    """Every phrase of the example scene (the phrase protocol's expressions, not only the three
+    of :func:`example_queries`) -> its true box (float xyxy pixels; the union box of a plural)."""
+    return {e.text: tuple(float(v) for v in e.box) for e in expressions(example_scene(), EXAMPLE_PROTOCOL)}
