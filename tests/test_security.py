@@ -132,7 +132,217 @@ def test_no_unsafe_loader_is_used_anywhere_in_bicm():
         text = path.read_text()
         for call in re.findall(r"torch\.load\([^\n]*", text):
             assert "weights_only=True" in call, f"{path.name}: {call}"
-        if path.name != "_pickle.py":
+        if path.name not in ("_pickle.py", "safeload.py"):
             assert not re.search(r"\bpickle\.(loads?|Unpickler)\b", text), path.name
             assert "allow_pickle=True" not in text, path.name
             assert "dill" not in text and "joblib.load" not in text, path.name
+
+
+# --------------------------------------------------------------------------------------------
+# Class 1: a TorchScript archive is code. bicm reads its tensors as data and never compiles it.
+
+TORCHSCRIPT_EVIL = '''
+import sys, warnings
+from typing import Tuple
+import torch
+warnings.simplefilter("ignore")
+marker, out, where = sys.argv[1], sys.argv[2], sys.argv[3]
+
+class Evil(torch.nn.Module):
+    """Its __setstate__ runs when torch.jit.load reads it: torch.from_file(shared=True) creates a file."""
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.path = marker
+    def forward(self, x):
+        return x * self.weight
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.path, self.training)
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+        self.weight = state[0]
+        self.path = state[1]
+        t = torch.from_file(self.path, True, 16, dtype=torch.uint8)
+        self.training = state[2] and bool(t.numel() > 0)
+
+class Holder(torch.nn.Module):
+    """A plain module (parameters, a buffer) with the evil one inside."""
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(2, 2)
+        self.register_buffer("mask", torch.ones(3))
+        self.evil = Evil()
+    def forward(self, x):
+        return self.evil(self.proj(x)) * self.mask[0]
+
+model = Evil() if where == "root" else Holder()
+torch.jit.save(torch.jit.script(model), out)
+'''
+
+
+@pytest.fixture(scope="module")
+def evil_torchscript(tmp_path_factory):
+    """(marker, {"root": archive, "child": archive}); each runs code when torch.jit.load reads it."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("evil-ts")
+    marker = folder / "MARKER"
+    script = folder / "make.py"
+    script.write_text(TORCHSCRIPT_EVIL)
+    archives = {}
+    for where in ("root", "child"):
+        archives[where] = folder / f"evil-{where}.pt"
+        subprocess.run([sys.executable, str(script), str(marker), str(archives[where]), where], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert not marker.exists()
+    return marker, archives
+
+
+def test_the_evil_torchscript_archive_really_runs_code_under_torch_jit_load(evil_torchscript, tmp_path):
+    """The control: the payload works, so the tests below prove something."""
+    import subprocess
+    import sys
+
+    marker, archives = evil_torchscript
+    code = "import sys, torch, warnings; warnings.simplefilter('ignore'); torch.jit.load(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(archives["root"])], check=True, timeout=300)
+    assert marker.exists()
+    marker.unlink()
+
+
+@pytest.mark.parametrize("where", ["root", "child"])
+def test_a_torchscript_checkpoint_is_read_without_running_its_code(evil_torchscript, where):
+    marker, archives = evil_torchscript
+    try:
+        contents = read_state_dict(archives[where])
+    except BicmError as exc:  # the root one holds its tensor in a tuple state: no tensors found
+        assert where == "root" and "\n" not in str(exc)
+    else:
+        assert where == "child"
+        assert set(contents.state) == {"proj.weight", "proj.bias", "mask"} and contents.is_torchscript
+        assert contents.optional == {"mask"}
+    assert not marker.exists(), "the archive's code ran"
+
+
+@pytest.mark.parametrize("command", ["ground", "serve"])
+def test_the_cli_never_runs_a_torchscript_checkpoint(evil_torchscript, tmp_path, command):
+    from .conftest import draw_scene
+
+    marker, archives = evil_torchscript
+    draw_scene().save(tmp_path / "img.png")
+    args = {"ground": ["ground", str(tmp_path / "img.png"), "a dog"], "serve": ["serve", "--port", "0"]}[command]
+    for archive in archives.values():
+        result = CliRunner().invoke(app, args + ["--checkpoint", str(archive)])
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("bicm: error:")]
+        assert len(errors) == 1, result.stderr
+    assert not marker.exists(), "the archive's code ran"
+
+
+def test_torchscript_reader_matches_torch_jit_state_dict(tmp_path):
+    """Parameters, buffers, views with offsets and strides come out as torch.jit.load gives them."""
+    import warnings
+
+    from bicm.safeload import read_torchscript
+
+    class Sub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 4)
+            self.register_buffer("mask", torch.arange(6.0).view(2, 3))
+            self.plain = torch.zeros(1)  # an attribute, neither parameter nor buffer
+
+        def forward(self, x):
+            return self.lin(x) * self.mask[0, 0] + self.plain
+
+    class Top(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Sub(), Sub()])
+            self.p = torch.nn.Parameter(torch.arange(8.0).view(2, 4)[:, 1])  # a strided view at an offset
+            self.h16 = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)[:, :3]
+            return x + self.p.sum() + self.h16.float().sum()
+
+    path = tmp_path / "m.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Top()), str(path))
+        loaded = torch.jit.load(str(path))
+    state, buffers = read_torchscript(path)
+    reference = loaded.state_dict()
+    assert set(state) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(state[key], value) and state[key].dtype == value.dtype, key
+    assert buffers == {name for name, _ in loaded.named_buffers()}
+
+
+def _rezip(data: bytes, change) -> bytes:
+    source = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name in source.namelist():
+            replaced = change(name, source.read(name))
+            if replaced is not None:
+                archive.writestr(name, replaced)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", ["os-system-in-data", "lying-numel", "missing-record", "two-data-pkl", "big-endian",
+                                  "tensor-out-of-storage", "truncated-pickle", "deep-nesting"])
+def test_broken_or_hostile_torchscript_archives_end_in_one_line(tmp_path, case):
+    import warnings
+
+    marker = tmp_path / "MARKER"
+    good = tmp_path / "good.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(good))
+    data = good.read_bytes()
+    evil = pickle.dumps(WritesMarker(marker), protocol=2)
+
+    def change(name, content):
+        if case == "os-system-in-data" and name.endswith("/data.pkl"):
+            return evil
+        if case == "lying-numel" and name.endswith("/data.pkl"):
+            assert b"K\x04t" in content
+            return content.replace(b"K\x04t", b"J\x00\x00\x00\x40t")
+        if case == "missing-record" and name.endswith("/data/0"):
+            return None
+        if case == "two-data-pkl" and name.endswith("/version"):
+            return content
+        if case == "big-endian" and name.endswith("/byteorder"):
+            return b"big"
+        if case == "tensor-out-of-storage" and name.endswith("/data.pkl"):
+            assert b"(K\x02K\x02t" in content
+            return content.replace(b"(K\x02K\x02t", b"(K\x09K\x09t", 1)
+        if case == "truncated-pickle" and name.endswith("/data.pkl"):
+            return content[: len(content) // 2]
+        if case == "deep-nesting" and name.endswith("/data.pkl"):
+            return b"\x80\x02" + b"]" * 200000 + b"."
+        return content
+
+    crafted = _rezip(data, change)
+    if case == "two-data-pkl":
+        crafted = _rezip(crafted, lambda n, c: c)
+        buffer = io.BytesIO(crafted)
+        with zipfile.ZipFile(buffer, "a") as archive:
+            archive.writestr("other/data.pkl", evil)
+        crafted = buffer.getvalue()
+    path = tmp_path / "weights.pt"
+    path.write_bytes(crafted)
+    with pytest.raises(BicmError) as info:
+        read_state_dict(path)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_no_torch_jit_load_anywhere_in_bicm():
+    src = Path(__file__).resolve().parents[1] / "src" / "bicm"
+    for path in src.rglob("*.py"):
+        assert not re.search(r"jit\.load\(", path.read_text()), path.name

@@ -16,7 +16,9 @@ Loading
 
   The architecture comes, in this order, from ``model=``, the file's embedded config, an
   ``open_clip_config.json`` beside the file, or the tensor shapes (OpenAI conventions:
-  64-wide heads). Pickled files are read with ``weights_only=True``: no code is executed.
+  64-wide heads). Pickled files are read with ``weights_only=True`` after a scan for memory
+  bombs; TorchScript archives are read as data (:mod:`bicm.safeload`), never compiled: no code
+  from a checkpoint is executed.
 
 Preprocessing
 -------------
@@ -34,7 +36,6 @@ import hashlib
 import json
 import math
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -46,6 +47,8 @@ from PIL import Image
 
 from .atomic import atomic_path
 from .errors import BicmError, warn
+from .safeload import check_torch_file, read_torchscript, regular_file
+from .safeload import is_torchscript as _is_torchscript
 
 __all__ = [
     "Backbone",
@@ -783,8 +786,7 @@ def shapes_weights() -> Path:
     from importlib import resources
 
     path = Path(str(resources.files("bicm.shapes").joinpath("model", SHAPES_WEIGHTS)))
-    if not path.is_file():
-        raise BicmError(f"the shapes model is not in this installation ({SHAPES_WEIGHTS}); train one with 'bicm train-clip'")
+    regular_file(path, "shapes model", missing=f"the shapes model is not in this installation ({SHAPES_WEIGHTS}); train one with 'bicm train-clip'")
     return path
 
 
@@ -901,8 +903,9 @@ class CheckpointContents:
 def read_state_dict(path: Path) -> CheckpointContents:
     """Read the tensors of a checkpoint file without executing any pickled code."""
     config = None
-    is_torchscript = False
+    is_torchscript_file = False
     optional: frozenset[str] = frozenset()
+    path = regular_file(path, "checkpoint")
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -913,13 +916,11 @@ def read_state_dict(path: Path) -> CheckpointContents:
             if "open_clip_config" in meta:
                 config = json.loads(meta["open_clip_config"])
         elif _is_torchscript(path):
-            is_torchscript = True
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
-                archive = torch.jit.load(str(path), map_location="cpu")
-            state = dict(archive.state_dict())
-            optional = frozenset(name for name, _ in archive.named_buffers())
+            # never torch.jit.load: that compiles and runs the archive's code
+            is_torchscript_file = True
+            state, optional = read_torchscript(path)
         else:
+            check_torch_file(path)
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
                 loaded = loaded["state_dict"]
@@ -938,14 +939,7 @@ def read_state_dict(path: Path) -> CheckpointContents:
         state = {k[len("module.") :]: v for k, v in state.items()}
     for key in _OPENAI_EXTRA_KEYS:
         state.pop(key, None)
-    return CheckpointContents(state, config, is_torchscript, optional)
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+    return CheckpointContents(state, config, is_torchscript_file, optional)
 
 
 def _read_sidecar_config(path: Path) -> Optional[dict[str, Any]]:
