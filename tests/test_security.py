@@ -346,3 +346,240 @@ def test_no_torch_jit_load_anywhere_in_bicm():
     src = Path(__file__).resolve().parents[1] / "src" / "bicm"
     for path in src.rglob("*.py"):
         assert not re.search(r"jit\.load\(", path.read_text()), path.name
+
+
+# --------------------------------------------------------------------------------------------
+# Class 2: every path bicm reads must be a regular file. A FIFO would block the reader forever,
+# /dev/zero would grow its memory until the kernel kills it.
+
+
+def _library_readers():
+    """(label, reader taking a path): every kind of file bicm reads, through the library."""
+    from bicm.cache import FeatureCache
+    from bicm.data.flickr30k import parse_annotation_xml, read_split_ids
+    from bicm.data.jsonl import read_jsonl_dataset
+    from bicm.data.refer import _read_instances
+    from bicm.imageio import load_image
+    from bicm.kam import KamModel
+    from bicm.proposals.files import read_detections, read_proposals_file
+    from bicm.proposals.naming import Vocabulary
+    from bicm.pseudo import read_image_list, read_query_list
+
+    return {
+        "checkpoint": read_state_dict,
+        "kam-model": KamModel.load,
+        "feature-cache": FeatureCache,
+        "vocabulary": lambda p: Vocabulary.load(str(p)),
+        "query-list": read_query_list,
+        "image-list": read_image_list,
+        "detections": read_detections,
+        "proposals-file": read_proposals_file,
+        "dataset-jsonl": read_jsonl_dataset,
+        "annotation-pickle": load_pickle,
+        "torch-split": load_torch_file,
+        "transvg-split": read_transvg_split,
+        "image": load_image,
+        "split-list": read_split_ids,
+        "flickr-xml": parse_annotation_xml,
+        "instances-json": _read_instances,
+    }
+
+
+READERS = list(_library_readers())
+
+
+def _special_file(tmp_path, kind):
+    path = tmp_path / "unc_testA.pth"  # a name the TransVG reader accepts: only the file's type is wrong
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
+@pytest.mark.parametrize("reader", READERS)
+def test_every_reader_refuses_what_is_not_a_regular_file(tmp_path, reader, kind):
+    """Refused from the file's type alone (stat), in under a few seconds: never opened."""
+    import threading
+    import time
+
+    if reader == "image-list" and kind == "folder":
+        pytest.skip("a folder of images is a valid image list")
+    path = _special_file(tmp_path, kind)
+    unblock = threading.Timer(20.0, lambda: os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))) if kind == "fifo" else None
+    if unblock is not None:  # a reader that opens the FIFO would hang the suite: give it EOF after 20 s
+        unblock.daemon = True
+        unblock.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(BicmError) as info:
+            _library_readers()[reader](path)
+    finally:
+        if unblock is not None:
+            unblock.cancel()
+    assert time.monotonic() - start < 10
+    if reader == "vocabulary" and kind == "folder":
+        assert "unknown vocabulary" in str(info.value) or "not a regular file" in str(info.value)
+    else:
+        assert "not a regular file" in str(info.value), str(info.value)
+    assert "not found" not in str(info.value) and "\n" not in str(info.value)
+
+
+CLI_PATH_CASES = {
+    "checkpoint": lambda p, img: ["ground", img, "a dog", "--checkpoint", p],
+    "kam": lambda p, img: ["ground", img, "a dog", "--kam", p],
+    "detections": lambda p, img: ["ground", img, "a dog", "--proposals", p],
+    "image": lambda p, img: ["ground", p, "a dog"],
+    "convert-source": lambda p, img: ["proposals", "convert", p, p + ".out.jsonl"],
+    "pseudo-queries": lambda p, img: ["pseudo-label", "-o", p + ".run", "--images", str(Path(img).parent), "--queries", p],
+    "eval-jsonl": lambda p, img: ["eval", "--dataset", "jsonl", "--split", "test", "--annotations", p, "--images", str(Path(img).parent)],
+    "cache": lambda p, img: ["eval", "--dataset", "shapes-ref", "--split", "test", "--limit", "1", "--cache", p],
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_PATH_CASES))
+def test_the_cli_refuses_a_fifo_in_one_line(tmp_path, case):
+    from .conftest import draw_scene
+
+    img = tmp_path / "img.png"
+    draw_scene().save(img)
+    path = _special_file(tmp_path, "fifo")
+    import threading
+
+    unblock = threading.Timer(30.0, lambda: os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.daemon = True
+    unblock.start()
+    try:
+        result = CliRunner().invoke(app, CLI_PATH_CASES[case](str(path), str(img)))
+    finally:
+        unblock.cancel()
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bicm: error:")]
+    assert len(errors) == 1 and "not a regular file" in errors[0], result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Class 3: allowed pickle callables that build a large object from a few bytes.
+
+
+def _x(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def nested_hex(depth: int) -> bytes:
+    """_codecs.encode(..._codecs.encode(_codecs.encode('aaaaaaaa', 'latin1'), 'hex')..., 'hex'): 8 * 2**depth bytes."""
+    call = b"c_codecs\nencode\n(" + _x("a" * 8) + _x("latin1") + b"tR"
+    for _ in range(depth):
+        call = b"c_codecs\nencode\n(" + call + _x("hex") + b"tR"
+    return b"\x80\x02" + call + b"."
+
+
+def shared_repr(width: int = 2000) -> bytes:
+    """str() of a list holding a list holding one string `width` times each: width**2 * 1000 chars."""
+    body = _x("a" * 1000) + b"q\x00"
+    body += b"](" + b"h\x00" * width + b"eq\x01"
+    body += b"](" + b"h\x01" * width + b"eq\x02"
+    return b"\x80\x02cbuiltins\nstr\n(h\x02tR" + b"." if False else b"\x80\x02cbuiltins\nstr\n(" + body + b"tR."
+
+
+MEMORY_BOMBS = {
+    "nested-hex-40": nested_hex(40),  # asks for 8 TiB
+    "nested-base64-40": nested_hex(40).replace(_x("hex"), _x("base64")),
+    "str-of-shared-list": shared_repr(),  # 4 GB of repr
+    "bytearray-size": b"\x80\x02c__builtin__\nbytearray\n(J\x00\x00\x00\x7ftR.",
+    "numpy-scalar-no-data": b"\x80\x02cnumpy.core.multiarray\nscalar\n(cnumpy\ndtype\n(" + _x("V2000000000") + b"tRtR.",
+    "numpy-empty-array": b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\nJ\x00\x00\x00\x7f\x85" + _x("b") + b"tR.",
+    "numpy-ndarray-call": b"\x80\x02cnumpy\nndarray\n(J\x00\x00\x00\x7f\x85" + _x("b") + b"tR.",
+}
+
+BOMB_CONTAINERS = ["plain", "torch-zip", "torch-legacy"]
+
+
+def _bomb_file(tmp_path: Path, bomb: str, container: str) -> Path:
+    data = MEMORY_BOMBS[bomb]
+    if container == "torch-zip":
+        buffer = io.BytesIO()
+        torch.save({"w": torch.zeros(2)}, buffer)
+        data = _rezip(buffer.getvalue(), lambda name, content: data if name.endswith("data.pkl") else content)
+    elif container == "torch-legacy":
+        buffer = io.BytesIO()
+        torch.save({"w": 1}, buffer, _use_new_zipfile_serialization=False)
+        head = buffer.getvalue()
+        # magic, protocol, system info, then the object
+        stream = io.BytesIO(head)
+        for _ in range(3):
+            pickle.load(stream)
+        data = head[: stream.tell()] + data
+    path = tmp_path / "bomb.pth"
+    path.write_bytes(data)
+    return path
+
+
+_MEASURE = r'''
+import resource, sys, json
+from pathlib import Path
+import torch  # noqa: F401  (its import is part of the baseline)
+from bicm import BicmError
+from bicm.backbone import read_state_dict
+from bicm.data._pickle import load_pickle, load_torch_file
+readers = {"load_pickle": load_pickle, "load_torch_file": load_torch_file, "read_state_dict": read_state_dict}
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), resource.RLIM_INFINITY))  # a safety net, not the bound
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name in sys.argv[2:]:
+    try:
+        readers[name](Path(sys.argv[1]))
+        outcome = "loaded"
+    except BicmError as exc:
+        outcome = "refused: " + str(exc)
+    except MemoryError:
+        outcome = "MemoryError"
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak so far: growth is cumulative
+    print(json.dumps({"reader": name, "outcome": outcome, "grew_mb": (after - before) / 1024}), flush=True)
+'''
+
+#: The bound: reading a file of a few hundred bytes may raise peak memory by at most this.
+PEAK_GROWTH_MB = 64
+
+
+@pytest.mark.parametrize("container", BOMB_CONTAINERS)
+@pytest.mark.parametrize("bomb", list(MEMORY_BOMBS))
+def test_memory_bombs_from_allowed_names_are_refused_within_the_bound(tmp_path, bomb, container):
+    import json
+    import subprocess
+    import sys
+
+    path = _bomb_file(tmp_path, bomb, container)
+    assert path.stat().st_size < 100_000
+    readers = ["read_state_dict", "load_torch_file"] + (["load_pickle"] if container == "plain" else [])
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), *readers], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [r["reader"] for r in reports] == readers
+    for report in reports:
+        assert report["outcome"].startswith("refused: "), report
+        assert report["grew_mb"] < PEAK_GROWTH_MB, report
+
+
+def test_ordinary_numpy_and_bytes_still_load(tmp_path):
+    """The guards leave real data alone: arrays, scalars, bytes and bytearrays, protocol 2 and 4."""
+    import numpy as np
+
+    value = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.float64(2.5), "b": b"\x00\xffxyz",
+             "ba": bytearray(b"abc"), "o": np.array(["x", 1], dtype=object), "t": "text", "n": [1, 2.0, None]}
+    for protocol in (2, 4):
+        path = tmp_path / f"ok{protocol}.p"
+        path.write_bytes(pickle.dumps(value, protocol=protocol))
+        loaded = load_torch_file(path)
+        assert np.array_equal(loaded["a"], value["a"]) and loaded["s"] == 2.5 and loaded["b"] == value["b"]
+        assert loaded["ba"] == value["ba"] and list(loaded["o"]) == ["x", 1] and loaded["n"] == value["n"]
+
+
+def test_the_nested_hex_bomb_is_real():
+    """The control: an unrestricted unpickler really doubles the input per level."""
+    assert len(pickle.loads(nested_hex(20))) == 8 * 2**20

@@ -79,6 +79,10 @@ class FeatureCache:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._pid == os.getpid():
             return conn
+        if self.path.exists():
+            from .safeload import regular_file
+
+            regular_file(self.path, "feature cache")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)

@@ -168,6 +168,16 @@ MAX_PIXELS_OPT = typer.Option(
 MAX_PROPOSALS_OPT = typer.Option(1000, help="Keep at most this many proposals per image (the highest-scoring, else the first); 0: all.")
 
 
+def _check_inputs(checkpoint: Optional[Path] = None, kam: Optional[Path] = None) -> None:
+    """Refuse a missing or non-regular --checkpoint/--kam before any work (a FIFO would block)."""
+    from .safeload import regular_file
+
+    if checkpoint is not None and not checkpoint.is_dir():
+        regular_file(checkpoint, "checkpoint")
+    if kam is not None:
+        regular_file(kam, "KAM model", missing=f"KAM model {kam} does not exist")
+
+
 def _source_options(
     top_n: int,
     ss_mode: str,
@@ -243,6 +253,7 @@ def ground(
 ) -> None:
     """Ground phrases in an image: print the box each phrase describes."""
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint, kam=kam)
     from .api import BiCMConfig, Grounder
     from .imageio import DEFAULT_MAX_PIXELS, load_image
     from .proposals import Proposals
@@ -354,6 +365,7 @@ def evaluate_command(
     import os
 
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint, kam=kam)
 
     from .api import BiCMConfig, Grounder
     from .backbone import load_backbone
@@ -590,6 +602,7 @@ def pseudo_label_command(
     from .pseudo import dataset_unpaired, read_image_list, read_query_list, run_pseudo_label, shapes_unpaired
 
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint)
     if limit is not None and limit < 1:
         raise BicmError("--limit must be at least 1")
     if dataset is not None and dataset.startswith("shapes"):
@@ -828,8 +841,10 @@ def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:
         if path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
                 found.append((file.relative_to(path).as_posix(), file))
-        elif path.is_file():
-            found.append((path.name, path))
+        elif path.exists():
+            from .safeload import regular_file
+
+            found.append((path.name, regular_file(path, "image")))
         else:
             raise _Err(f"no such image or folder: {path}")
     keys = [k for k, _ in found]
@@ -923,6 +938,7 @@ def serve(
     from .serve import ServeLimits, serve_command
 
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint, kam=kam)
     limits = ServeLimits(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=max_image_pixels,

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from .atomic import atomic_path
 from .errors import BicmError
+from .safeload import regular_file
 
 __all__ = ["KamConfig", "KamMLP", "KamPair", "KamModel", "kam_inputs", "train_kam", "pair_loss", "FILE_KEY"]
 
@@ -213,8 +214,7 @@ class KamModel:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
-        if not path.is_file():
-            raise BicmError(f"KAM model {path} does not exist")
+        regular_file(path, "KAM model", missing=f"KAM model {path} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get(FILE_KEY)

@@ -30,6 +30,7 @@ from .api import BiCMConfig, Grounder, config_dict, same_method
 from .atomic import atomic_write_text
 from .cache import FeatureCache
 from .errors import BicmError, warn
+from .safeload import regular_file
 from .evaluate import wilson_interval
 from .imageio import load_image
 from .jsonl import JsonlAppender, read_jsonl
@@ -496,8 +497,7 @@ def read_image_list(path: Path) -> list[tuple[str, Path]]:
     """
     if path.is_dir():
         return [(str(p.relative_to(path)), p) for p in iter_image_files(path)]
-    if not path.is_file():
-        raise BicmError(f"image list {path} does not exist")
+    regular_file(path, "image list", missing=f"image list {path} does not exist")
     out = []
     for number, entry in enumerate(_list_entries(path, "image"), start=1):
         file = Path(entry)
@@ -509,8 +509,7 @@ def read_image_list(path: Path) -> list[tuple[str, Path]]:
 
 def read_query_list(path: Path) -> list[str]:
     """Queries from a text file (one per line) or JSON Lines (``"query"``)."""
-    if not path.is_file():
-        raise BicmError(f"query list {path} does not exist")
+    regular_file(path, "query list", missing=f"query list {path} does not exist")
     queries = list(_list_entries(path, "query"))
     if not queries:
         raise BicmError(f"{path} lists no queries")

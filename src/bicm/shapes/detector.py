@@ -38,6 +38,7 @@ from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
 from ..errors import BicmError
+from ..safeload import regular_file
 from ..interrupt import Interrupted, deferred, load_state, save_state as write_state, state_path
 from ..provenance import versions
 from ..proposals import Proposals
@@ -274,8 +275,7 @@ def load_detector(
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise BicmError(f"shapes detector weights not found: {path}; train one with 'bicm train-detector'")
+    regular_file(path, "shapes detector weights", missing=f"shapes detector weights not found: {path}; train one with 'bicm train-detector'")
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {}).get(_METADATA_KEY, "null"))
@@ -300,8 +300,7 @@ def detector_weights() -> Path:
     from importlib import resources
 
     path = Path(str(resources.files("bicm.shapes").joinpath("model", DETECTOR_WEIGHTS)))
-    if not path.is_file():
-        raise BicmError(f"the shapes detector is not in this installation ({DETECTOR_WEIGHTS}); train one with 'bicm train-detector'")
+    regular_file(path, "shapes detector weights", missing=f"the shapes detector is not in this installation ({DETECTOR_WEIGHTS}); train one with 'bicm train-detector'")
     return path
 
 
