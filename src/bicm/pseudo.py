@@ -30,7 +30,7 @@ from .api import BiCMConfig, Grounder, config_dict, same_method
 from .atomic import atomic_write_text
 from .cache import FeatureCache
 from .errors import BicmError, warn
-from .safeload import regular_file
+from .safeload import json_loads, regular_file
 from .evaluate import wilson_interval
 from .imageio import load_image
 from .jsonl import JsonlAppender, read_jsonl
@@ -356,7 +356,7 @@ def read_kam_pairs(run_dir: Union[str, Path], thr_k: Optional[float] = None) -> 
     run_file, pairs_file, store_file = run_dir / "run.json", run_dir / "pairs.jsonl", run_dir / "kam_features.sqlite"
     if not (run_file.is_file() and pairs_file.is_file() and store_file.is_file()):
         raise BicmError(f"{run_dir} is not a finished 'bicm pseudo-label' folder (run.json, pairs.jsonl, kam_features.sqlite)")
-    run = json.loads(run_file.read_text())
+    run = json_loads(run_file.read_text(), run_file)
     thr_k = run["thr_k"] if thr_k is None else thr_k
     if thr_k < run["features_above"]:
         raise BicmError(
@@ -420,7 +420,7 @@ def _check_run_file(out_dir: Path, run: PseudoRun) -> None:
     path = out_dir / "run.json"
     if path.is_file():
         try:
-            previous = PseudoRun(**json.loads(path.read_text()))
+            previous = PseudoRun(**json_loads(path.read_text(), path))
         except (json.JSONDecodeError, TypeError):
             raise BicmError(f"{path} is not a bicm pseudo-label run file; use another --out") from None
         if not previous.same_work(run):

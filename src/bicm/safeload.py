@@ -30,7 +30,7 @@ import re
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 from .errors import BicmError
 
@@ -78,6 +78,27 @@ def is_regular(path: Union[str, Path]) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except (OSError, ValueError):
         return False
+
+
+def json_loads(text: Union[str, bytes], source: Any = "JSON") -> Any:
+    """``json.loads`` whose pathological inputs end in one BicmError line.
+
+    Deep nesting (RecursionError) and integers of more than Python's 4,300-digit limit are
+    refused naming ``source``; malformed JSON still raises :class:`json.JSONDecodeError`, so
+    callers keep their own messages for it.
+    """
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BicmError(f"{source}: JSON nested too deeply to read") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        if "digits" in str(exc):
+            raise BicmError(f"{source}: holds an integer of more than 4,300 digits") from None
+        raise BicmError(f"{source}: unreadable JSON ({str(exc)[:120]})") from None
 
 
 # --------------------------------------------------------------------------- pickle scan

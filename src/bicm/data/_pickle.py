@@ -256,6 +256,9 @@ def _torch_load(path: Path, allowed: Mapping[str, Any]) -> Any:
 
     extra = [(obj, name) for name, obj in allowed.items() if not name.startswith(("builtins.", "__builtin__.", "_codecs."))]
     extra += _numpy_dtype_classes()
+    # torch only BUILDs objects of allowed types; "numpy.ndarray" itself resolves to a stand-in
+    # that cannot be called, so the real type goes in under a name GLOBAL (one line) cannot spell
+    extra.append((__import__("numpy").ndarray, "numpy.ndarray\n(built by _reconstruct, never looked up)"))
     check_torch_file(path)  # torch's allow-list holds bytearray(size) and _codecs.encode(hex): memory bombs
     try:
         with torch.serialization.safe_globals(extra):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import BicmError, warn
-from ..safeload import regular_file
+from ..safeload import json_loads, regular_file
 from ._pickle import BUILTIN_NAMES, load_pickle
 from .sample import GroundingSample, is_proper_box, to_xyxy
 
@@ -140,7 +140,7 @@ def _read_instances(path: Path) -> tuple[dict[Any, str], dict[Any, tuple[float, 
     """``(image id -> file name, annotation id -> xyxy box)`` from a COCO-style instances file."""
     regular_file(path, "instances file", missing=f"instances file {path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_loads(path.read_text(encoding="utf-8"), path)
         images = {img["id"]: str(img["file_name"]) for img in data["images"]}
         boxes = {ann["id"]: to_xyxy(ann["bbox"], "xywh") for ann in data["annotations"]}
     except json.JSONDecodeError as exc:

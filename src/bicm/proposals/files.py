@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from ..atomic import atomic_write_text
 from ..errors import BicmError
-from ..safeload import regular_file
+from ..safeload import json_loads, regular_file
 from ..jsonl import JsonlAppender
 from . import Proposals
 
@@ -116,7 +116,7 @@ def _records(text: str, path: Path) -> Iterable[tuple[str, Any, Optional[str]]]:
     if not stripped:
         raise BicmError(f"detections file {path} is empty")
     try:
-        data = json.loads(stripped)
+        data = json_loads(stripped, path)
     except json.JSONDecodeError:
         data = None
     if data is None:  # JSON Lines
@@ -124,7 +124,7 @@ def _records(text: str, path: Path) -> Iterable[tuple[str, Any, Optional[str]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json_loads(line, path)
             except json.JSONDecodeError as exc:
                 raise BicmError(f"{path.name} line {number}: not valid JSON ({exc.msg})") from None
             yield f" line {number}", record, None

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from ..errors import BicmError
-from ..safeload import regular_file
+from ..safeload import json_loads, regular_file
 from .world import KINDS, PROFILES, WORLD_VERSION, Expression, Scene, expressions, make_scene, render
 
 __all__ = [
@@ -231,7 +231,7 @@ def read_shapes(root: Union[str, Path, None], split: str, protocol: str = "ref")
     folder = shapes_folder(root, protocol, split)
     samples = []
     for line in regular_file(folder / f"{split}.jsonl", "shapes split file").read_text().splitlines():
-        r = json.loads(line)
+        r = json_loads(line, folder / f"{split}.jsonl")
         if r.get("world") != VERSION:
             raise BicmError(f"{folder / f'{split}.jsonl'} is not shapes world {VERSION}; use another folder")
         samples.append(GroundingSample.from_boxes(r["id"], Path(r["image"]).stem, r["image"], r["query"], r["boxes"], kind=r["kind"]))
