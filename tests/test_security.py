@@ -1059,3 +1059,34 @@ def test_clients_that_leave_or_stall_mid_upload(tiny_backbone, stall):
         assert statuses == ([408] if stall else [400]), statuses
     finally:
         service.close()
+
+
+def memo_reuse(calls: int = 20_000, size: int = 1 << 20, call: str = "c__builtin__\nbytearray\n") -> bytes:
+    """One 1 MB string in the memo, then `calls` calls that each copy it: 2 bytes per call.
+    (A 1.1 MB file asking for 20 GB.)"""
+    body = b"\x80\x03" + b"B" + size.to_bytes(4, "little") + b"a" * size + b"q\x00"  # BINBYTES
+    body += call + b"q\x01"  # the callable, memoized too
+    body += b"]("
+    body += b"h\x01h\x00\x85R" * calls  # BINGET callable, BINGET string, TUPLE1, REDUCE
+    return body + b"e."
+
+
+@pytest.mark.parametrize("call", ["c__builtin__\nbytearray\n", "c__builtin__\nlist\n", "c_codecs\nencode\n"])
+def test_memo_reuse_amplification_is_bounded(tmp_path, call):
+    import json
+    import subprocess
+    import sys
+
+    data = memo_reuse(call=call.encode() if isinstance(call, str) else call)
+    if "encode" in call:  # encode needs a str and a codec: a memoized latin-1 string
+        size = 1 << 20
+        data = (b"\x80\x02X" + size.to_bytes(4, "little") + b"a" * size + b"q\x00" + _x("latin1") + b"q\x02"
+                + b"c_codecs\nencode\nq\x01](" + b"h\x01(h\x00h\x02tR" * 20_000 + b"e.")
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(data)
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), "load_pickle"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["outcome"].startswith("refused: ") and "build more than" in report["outcome"], report
+    assert report["grew_mb"] < 64 + 16 * len(data) / 2**20 + 64, report  # the budget, plus one call's overshoot

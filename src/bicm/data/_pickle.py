@@ -112,6 +112,8 @@ def _numpy_names() -> dict[str, Any]:
         """Stands for ``numpy.ndarray`` as the argument of ``_reconstruct``; called itself (an
         array of any shape from a few bytes), it refuses."""
 
+        bicm_argument = True  # passed to a callable, never called: not wrapped by the budget
+
         def __new__(cls, *args: Any, **kwargs: Any) -> Any:
             raise _refuse("numpy.ndarray(<shape>)")
 
@@ -146,18 +148,54 @@ class _HoldsTensors(Exception):
     """The pickle refers to torch storages: only ``torch.load`` can rebuild those."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that can only look up the names of ``allowed``."""
+MB = 1 << 20
 
-    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[str, Any], source: str, **kwargs: Any):
+
+def _built_size(value: Any) -> int:
+    """About how many bytes an object built by an allowed callable holds (itself, not what it
+    refers to: those were built, and counted, before)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        return 8 * len(value) + 64
+    nbytes = getattr(value, "nbytes", None)
+    return int(nbytes) if isinstance(nbytes, int) else 64
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that can only look up the names of ``allowed``, and whose calls may build
+    at most ``64 MB + 16 x the file's size`` in all.
+
+    Every allowed callable copies at most a few times its input, but the memo lets a pickle
+    pass one large string to thousands of calls for two bytes each (``list(s)``, ``bytearray(s)``...):
+    without a total, a 1 MB file could still ask for gigabytes.
+    """
+
+    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[str, Any], source: str, size: int = 0, **kwargs: Any):
         super().__init__(file, **kwargs)
         self._allowed = allowed
         self._source = source
+        self._budget = 64 * MB + 16 * size
+        self._spent = 0
+
+    def _counted(self, func: Any, key: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = func(*args, **kwargs)
+            self._spent += _built_size(result)
+            if self._spent > self._budget:
+                raise BicmError(
+                    f"refusing to read {self._source}: its calls ({key} and others) build more than "
+                    f"{self._budget // MB} MB from the file (nothing from the file was run)"
+                )
+            return result
+
+        return call
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
         if key in self._allowed:
-            return self._allowed[key]
+            found = self._allowed[key]
+            return found if getattr(found, "bicm_argument", False) else self._counted(found, key)
         if module == "torch" or module.startswith("torch."):
             raise _HoldsTensors()  # torch.load(weights_only=True) decides on torch's own names
         raise BicmError(
@@ -178,7 +216,7 @@ def _unpickle(data: bytes, allowed: Mapping[str, Any], source: str, n_objects: i
     for encoding in ("utf-8", "latin1"):
         stream = io.BytesIO(data)
         try:
-            return [_RestrictedUnpickler(stream, allowed, source, encoding=encoding).load() for _ in range(n_objects)]
+            return [_RestrictedUnpickler(stream, allowed, source, len(data), encoding=encoding).load() for _ in range(n_objects)]
         except UnicodeDecodeError:
             continue
         except _HoldsTensors:
