@@ -1090,3 +1090,23 @@ def test_memo_reuse_amplification_is_bounded(tmp_path, call):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["outcome"].startswith("refused: ") and "build more than" in report["outcome"], report
     assert report["grew_mb"] < 64 + 16 * len(data) / 2**20 + 64, report  # the budget, plus one call's overshoot
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS"])
+def test_a_write_that_fails_after_the_work_ends_in_one_line(tmp_path, monkeypatch, code):
+    """proposals convert onto a full or read-only disk (simulated at the write)."""
+    import errno
+
+    import bicm.proposals.files
+
+    source = tmp_path / "dets.jsonl"
+    source.write_text('{"image": "img.png", "box_format": "xyxy", "boxes": [[1, 2, 30, 40]]}\n')
+
+    def fail(path, *args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(path))
+
+    monkeypatch.setattr(bicm.proposals.files, "write_detections", fail)
+    result = CliRunner().invoke(app, ["proposals", "convert", str(source), str(tmp_path / "out.jsonl")])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bicm: error:")]
+    assert len(errors) == 1 and os.strerror(getattr(errno, code)) in errors[0], result.stderr

@@ -7,6 +7,7 @@ one ``bicm: warning: ...`` line each. Results go to stdout (a table, or JSON lin
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -92,6 +93,9 @@ def _use_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EFBIG}
+
+
 def _check_numbers(options: dict[str, Any]) -> None:
     """Every numeric option within its range (:data:`OPTION_RANGES`); every float finite."""
     for name, value in options.items():
@@ -135,6 +139,14 @@ def user_errors(func: F) -> F:
                 return func(*args, **kwargs)
         except BicmError as exc:
             print(f"bicm: error: {exc}", file=sys.stderr)
+            raise typer.Exit(USER_ERROR) from None
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            # a write that fails after the work (disk full, read-only, a folder in the way):
+            # whatever was already written or printed stays; one line says why the rest is not
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"bicm: error: {exc.strerror or exc}{where}", file=sys.stderr)
             raise typer.Exit(USER_ERROR) from None
         except KeyboardInterrupt:
             print("bicm: interrupted", file=sys.stderr)
