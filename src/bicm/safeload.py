@@ -118,13 +118,14 @@ def _is_bytes_codec(name: str) -> bool:
     return not getattr(info, "_is_text_encoding", True)
 
 
-def check_pickle(data: bytes, source: str, n_pickles: int = 1) -> None:
+def check_pickle(data: Union[bytes, Any], source: str, n_pickles: int = 1) -> None:
     """Refuse a pickle that would build a large object from a small input (nothing is run).
 
-    Scans up to ``n_pickles`` consecutive pickles in ``data``. A pickle that cannot be parsed
-    is left to the real reader, which fails on it with its own message.
+    Scans up to ``n_pickles`` consecutive pickles in ``data`` (bytes, or a binary stream read
+    only as far as the pickles go). A pickle that cannot be parsed is left to the real
+    reader, which fails on it with its own message.
     """
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     for _ in range(n_pickles):
         strings: list[str] = []
         names: list[str] = []
@@ -164,7 +165,8 @@ def check_pickle(data: bytes, source: str, n_pickles: int = 1) -> None:
                     f"refusing to read {source}: it encodes data with the {bad[0]!r} codec, which can blow a "
                     "few bytes up into gigabytes (nothing from the file was run)"
                 )
-        if stream.tell() >= len(data):
+        at_end = not stream.peek(1) if hasattr(stream, "peek") else stream.tell() >= len(data)
+        if at_end:
             return
 
 
@@ -190,7 +192,8 @@ def check_torch_file(path: Path, source: Optional[str] = None) -> None:
         except zipfile.BadZipFile:
             return  # torch.load reports it
     else:
-        check_pickle(path.read_bytes(), source, n_pickles=6)
+        with open(path, "rb") as handle:  # a legacy file's storages follow its pickles: not read
+            check_pickle(handle, source, n_pickles=6)
 
 
 # --------------------------------------------------------------------------- TorchScript
