@@ -144,7 +144,7 @@ def test_bad_options(scene_files, tiny_checkpoint, tmp_path):
     assert_user_error(run("ground", image, "a dog", "-c", tiny_checkpoint, "--components", "com,sf"), "add qam")
     assert_user_error(run("ground", image, "a dog", "-c", tiny_checkpoint, "--components", "foo"), "unknown components")
     assert_user_error(run("ground", image, "a dog", "-c", tiny_checkpoint, "--device", "gpu9"), "unknown device")
-    assert_user_error(run("ground", image, "a dog", "-c", tiny_checkpoint, "--thr-a", "1.5"), "thr_a")
+    assert_user_error(run("ground", image, "a dog", "-c", tiny_checkpoint, "--thr-a", "1.5"), "--thr-a must be")
     assert_user_error(run("ground", image, "a dog", "-c", tiny_checkpoint, "--pretrained", "openai"), "not both")
     assert_user_error(run("ground", image, "a dog", "--model", "ViT-Q-1"), "unknown model architecture")
     usage = run("ground", image, "a dog", "--selection", "median")

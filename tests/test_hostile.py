@@ -150,7 +150,7 @@ CASES = [
     Case("img-animated-gif", image=animated_gif, image_name="img.gif", display_size=(120, 90)),
     Case("img-exif-rotated", image=exif_rotated, image_name="img.jpg", display_size=(60, 120)),
     Case("img-missing", image=None, setup=lambda d: (d / "img.png").unlink(), error="image not found"),
-    Case("img-is-a-folder", setup=lambda d: ((d / "img.png").unlink(), (d / "img.png").mkdir()), error="not a file"),
+    Case("img-is-a-folder", setup=lambda d: ((d / "img.png").unlink(), (d / "img.png").mkdir()), error="not a regular file"),
     # ---- queries -----------------------------------------------------------------------------
     Case("query-empty", queries=("",), error="query 1 is empty"),
     Case("query-whitespace", queries=(" \t\n\r\x0b\x0c  ",), error="query 1 is empty"),

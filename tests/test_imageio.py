@@ -67,7 +67,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_missing_directory_and_non_image(tmp_path):
     with pytest.raises(BicmError, match="image not found"):
         load_image(tmp_path / "nope.png")
-    with pytest.raises(BicmError, match="not a file"):
+    with pytest.raises(BicmError, match="not a regular file"):
         load_image(tmp_path)
     text = tmp_path / "notes.png"
     text.write_text("hello, not an image")

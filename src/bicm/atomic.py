@@ -7,7 +7,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_text", "folder_lock"]
+
+
+@contextmanager
+def folder_lock(folder: Union[str, Path], command: str = "bicm") -> Iterator[None]:
+    """Hold an exclusive lock on a run folder (``<folder>/.lock``, released when the process
+    ends, even by kill -9); a second process is refused at once with one BicmError line
+    instead of both appending every record."""
+    import fcntl
+
+    from .errors import BicmError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BicmError(f"another {command} is writing to {folder} right now; wait for it or use another --out") from None
+        yield
+    finally:
+        handle.close()
 
 
 @contextmanager

@@ -16,7 +16,9 @@ Loading
 
   The architecture comes, in this order, from ``model=``, the file's embedded config, an
   ``open_clip_config.json`` beside the file, or the tensor shapes (OpenAI conventions:
-  64-wide heads). Pickled files are read with ``weights_only=True``: no code is executed.
+  64-wide heads). Pickled files are read with ``weights_only=True`` after a scan for memory
+  bombs; TorchScript archives are read as data (:mod:`bicm.safeload`), never compiled: no code
+  from a checkpoint is executed.
 
 Preprocessing
 -------------
@@ -33,8 +35,6 @@ import copy
 import hashlib
 import json
 import math
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -46,6 +46,8 @@ from PIL import Image
 
 from .atomic import atomic_path
 from .errors import BicmError, warn
+from .safeload import check_torch_file, json_loads, read_torchscript, regular_file
+from .safeload import is_torchscript as _is_torchscript
 
 __all__ = [
     "Backbone",
@@ -771,9 +773,9 @@ def recorded_lambda_t(model: Optional[str] = None, checkpoint: Union[str, Path, 
     if not card.is_file():
         return None
     try:
-        found = json.loads(card.read_text()).get("lambda_t")
+        found = json_loads(card.read_text(), card).get("lambda_t")
         value = float(found["value"] if isinstance(found, dict) else found)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, BicmError):
         return None
     return value if math.isfinite(value) and value >= 0 else None
 
@@ -783,8 +785,7 @@ def shapes_weights() -> Path:
     from importlib import resources
 
     path = Path(str(resources.files("bicm.shapes").joinpath("model", SHAPES_WEIGHTS)))
-    if not path.is_file():
-        raise BicmError(f"the shapes model is not in this installation ({SHAPES_WEIGHTS}); train one with 'bicm train-clip'")
+    regular_file(path, "shapes model", missing=f"the shapes model is not in this installation ({SHAPES_WEIGHTS}); train one with 'bicm train-clip'")
     return path
 
 
@@ -901,8 +902,9 @@ class CheckpointContents:
 def read_state_dict(path: Path) -> CheckpointContents:
     """Read the tensors of a checkpoint file without executing any pickled code."""
     config = None
-    is_torchscript = False
+    is_torchscript_file = False
     optional: frozenset[str] = frozenset()
+    path = regular_file(path, "checkpoint")
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -911,15 +913,13 @@ def read_state_dict(path: Path) -> CheckpointContents:
                 meta = handle.metadata() or {}
                 state = {k: handle.get_tensor(k) for k in handle.keys()}
             if "open_clip_config" in meta:
-                config = json.loads(meta["open_clip_config"])
+                config = json_loads(meta["open_clip_config"], path)
         elif _is_torchscript(path):
-            is_torchscript = True
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
-                archive = torch.jit.load(str(path), map_location="cpu")
-            state = dict(archive.state_dict())
-            optional = frozenset(name for name, _ in archive.named_buffers())
+            # never torch.jit.load: that compiles and runs the archive's code
+            is_torchscript_file = True
+            state, optional = read_torchscript(path)
         else:
+            check_torch_file(path)
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
                 loaded = loaded["state_dict"]
@@ -929,8 +929,7 @@ def read_state_dict(path: Path) -> CheckpointContents:
     except BicmError:
         raise
     except Exception as exc:  # corrupt zip, foreign pickle, bad header, ...
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BicmError(f"cannot read checkpoint {path}: {detail[:200]}") from None
+        raise BicmError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise BicmError(f"checkpoint {path} contains no tensors")
@@ -938,21 +937,32 @@ def read_state_dict(path: Path) -> CheckpointContents:
         state = {k[len("module.") :]: v for k, v in state.items()}
     for key in _OPENAI_EXTRA_KEYS:
         state.pop(key, None)
-    return CheckpointContents(state, config, is_torchscript, optional)
+    return CheckpointContents(state, config, is_torchscript_file, optional)
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load refused, in bicm's words (torch's own message advises weights_only=False,
+    which would run the file's code)."""
+    import pickle
+    import re
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text.lower():
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|but got <class ')([\w.]+)", text)
+        what = f"it asks for {found.group(1)}" if found else "it holds objects other than tensors and plain containers"
+        return (
+            f"refusing its pickle: {what}, which model weights never need (nothing from the file was run). "
+            "If you trust the file, convert it to safetensors where it came from"
+        )
+    detail = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return detail[:200]
 
 
 def _read_sidecar_config(path: Path) -> Optional[dict[str, Any]]:
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json_loads(path.read_text(encoding="utf-8"), path)
     except (OSError, json.JSONDecodeError) as exc:
         raise BicmError(f"cannot read {path}: {exc}") from None
     if not isinstance(config, dict) or "model_cfg" not in config:

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import BicmError, warn
+from .errors import warn
 
 __all__ = ["FeatureCache", "CacheStats", "Entry"]
 
@@ -66,6 +66,11 @@ class FeatureCache:
     Parameters
     ----------
     path: the database file (created with its folder when missing).
+
+    A cache that breaks (garbage pages under an intact header, a path under a regular file,
+    a full disk) never stops the work: one warning names the real cause and the cache is off
+    for the rest of the run (every lookup misses, nothing is stored). Only a path that is not
+    a regular file (a FIFO, a device) is refused, as a mistake in the command.
     """
 
     def __init__(self, path: Union[str, Path]) -> None:
@@ -73,20 +78,44 @@ class FeatureCache:
         self.stats = CacheStats()
         self._local = threading.local()
         self._pid = -1
-        self._connect()
+        self.broken: Optional[str] = None
+        try:
+            self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            self._disable(exc)
+
+    def _disable(self, exc: BaseException) -> None:
+        """Turn the cache off after a fault, with one warning that names the cause."""
+        if self.broken is None:
+            text = str(exc).strip()
+            cause = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+            self.broken = str(cause)[:200]
+            warn(f"feature cache {self.path} cannot be used ({self.broken}); going on without it")
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+            self._local.conn = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._pid == os.getpid():
             return conn
+        if self.path.exists():
+            from .safeload import regular_file
+
+            regular_file(self.path, "feature cache")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
+            conn.execute("SELECT COUNT(*) FROM entries").fetchone()  # reads the pages: garbage fails here
         except sqlite3.DatabaseError as exc:
-            raise BicmError(f"cannot open the feature cache {self.path}: {exc}") from None
+            raise sqlite3.DatabaseError(f"not a usable SQLite database: {exc}") from None
         self._local.conn = conn
         self._pid = os.getpid()
         return conn
@@ -99,15 +128,20 @@ class FeatureCache:
         """The entries found (missing and corrupt keys are absent from the result)."""
         keys = list(dict.fromkeys(keys))
         found: dict[str, Entry] = {}
-        conn = self._connect()
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = conn.execute(f"SELECT key, value, meta, checksum FROM entries WHERE key IN ({marks})", chunk).fetchall()
-            for key, value, meta, checksum in rows:
-                entry = self._decode(key, bytes(value), meta, checksum)
-                if entry is not None:
-                    found[key] = entry
+        if self.broken is None:
+            try:
+                conn = self._connect()
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    rows = conn.execute(f"SELECT key, value, meta, checksum FROM entries WHERE key IN ({marks})", chunk).fetchall()
+                    for key, value, meta, checksum in rows:
+                        entry = self._decode(key, bytes(value), meta, checksum)
+                        if entry is not None:
+                            found[key] = entry
+            except (sqlite3.Error, OSError) as exc:
+                self._disable(exc)
+                found = {}
         self.stats.hits += len(found)
         self.stats.misses += len(keys) - len(found)
         return found
@@ -121,30 +155,49 @@ class FeatureCache:
             self.stats.corrupt += 1
             if self.stats.corrupt == 1:
                 warn(f"feature cache {self.path.name}: a corrupt entry was found and will be recomputed")
-            self._connect().execute("DELETE FROM entries WHERE key = ?", (key,))
+            try:
+                self._connect().execute("DELETE FROM entries WHERE key = ?", (key,))
+            except (sqlite3.Error, OSError):
+                pass  # a read-only or full cache keeps the bad entry; it is skipped again next time
             return None
 
     def put_many(self, items: Mapping[str, Entry]) -> None:
         """Store entries in one transaction (all or none)."""
-        if not items:
+        if not items or self.broken is not None:
             return
         rows = []
         for key, (tensors, meta) in items.items():
             value = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
             meta_text = json.dumps(meta, sort_keys=True)
             rows.append((key, value, meta_text, self._checksum(value, meta_text)))
-        conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as exc:
+            self._disable(exc)
+            return
         try:
             conn.executemany("INSERT OR REPLACE INTO entries (key, value, meta, checksum) VALUES (?, ?, ?, ?)", rows)
             conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # on a full disk the rollback fails too; its error would hide the real cause
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                self._disable(exc)  # e.g. "database or disk is full"
+                return
             raise
         self.stats.writes += len(rows)
 
     def __len__(self) -> int:
-        return int(self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        if self.broken is not None:
+            return 0
+        try:
+            return int(self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        except (sqlite3.Error, OSError) as exc:
+            self._disable(exc)
+            return 0
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -7,6 +7,7 @@ one ``bicm: warning: ...`` line each. Results go to stdout (a table, or JSON lin
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -19,8 +20,45 @@ import typer
 
 from .errors import BicmError, BicmWarning
 from .interrupt import resumable
+from .jsonl import finite_json
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+USER_ERROR = 2
+
+# Numeric options by parameter name, the same in every command: (lowest, highest); None: no
+# bound that side. Every int and float option gets one (floats are finite in any case): a
+# port of 70000 or an upload limit of inf used to end in an OverflowError traceback.
+_BIG = 2**62
+OPTION_RANGES: dict[str, tuple[Optional[float], Optional[float]]] = {
+    "port": (0, 65535),
+    "top_n": (1, 1_000_000),
+    "tsv_class_offset": (0, 1_000_000),
+    "threads": (None, 4096),  # below 0: --threads' own message
+    "max_image_pixels": (0, _BIG),
+    "max_pixels": (0, _BIG),
+    "max_proposals": (0, _BIG),
+    "limit": (0, _BIG),
+    "seed": (0, 2**63 - 1),
+    "steps": (1, 10**9),
+    "batch_size": (1, 1_000_000),
+    "scenes": (1, 10**8),
+    "singles": (0, 10**8),
+    "save_every": (0, 10**9),
+    "train_images": (1, 10**7),
+    "eval_images": (0, 10**7),
+    "epochs": (1, 10**6),
+    "hidden": (1, 1 << 16),
+    "batch_pairs": (1, 1_000_000),
+    "cache_images": (0, 100_000),
+    "score_floor": (0.0, 1.0),
+    "thr_a": (0.0, 1.0),
+    "lambda_k": (0.0, 1e9),
+    "lr": (1e-12, 100.0),
+    "max_upload_mb": (0.001, 1_000_000.0),
+    "timeout": (0.001, 7 * 86400.0),
+}
+
 
 app = typer.Typer(
     add_completion=False,
@@ -29,8 +67,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Unpaired referring expression grounding with CLIP (BiCM): find the box a phrase describes.",
 )
-
-USER_ERROR = 2
 
 
 # Choices as Literal types (typer checks them). They mirror the Literal types of bicm.api,
@@ -57,12 +93,38 @@ def _use_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EFBIG}
+
+
+def _check_numbers(options: dict[str, Any]) -> None:
+    """Every numeric option within its range (:data:`OPTION_RANGES`); every float finite."""
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, high = OPTION_RANGES.get(name, (None, None))
+        finite = math.isfinite(value)
+        if finite and (low is None or value >= low) and (high is None or value <= high):
+            continue
+        what = "an integer" if isinstance(value, int) else "a finite number"
+        show = lambda x: str(int(x)) if float(x).is_integer() and abs(x) < 1e12 else f"{x:g}"  # noqa: E731
+        if low is not None and high is not None:
+            bounds = f" from {show(low)} to {show(high)}"
+        elif low is not None:
+            bounds = f" >= {show(low)}"
+        elif high is not None:
+            bounds = f" <= {show(high)}"
+        else:
+            bounds = ""
+        raise BicmError(f"--{name.replace('_', '-')} must be {what}{bounds}, not {value}")
+
+
 def user_errors(func: F) -> F:
     """Turn :class:`BicmError` into one line on stderr and exit code 2; show warnings as lines."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_numbers(kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("always", BicmWarning)
                 original = warnings.showwarning
@@ -77,6 +139,14 @@ def user_errors(func: F) -> F:
                 return func(*args, **kwargs)
         except BicmError as exc:
             print(f"bicm: error: {exc}", file=sys.stderr)
+            raise typer.Exit(USER_ERROR) from None
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            # a write that fails after the work (disk full, read-only, a folder in the way):
+            # whatever was already written or printed stays; one line says why the rest is not
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"bicm: error: {exc.strerror or exc}{where}", file=sys.stderr)
             raise typer.Exit(USER_ERROR) from None
         except KeyboardInterrupt:
             print("bicm: interrupted", file=sys.stderr)
@@ -168,6 +238,59 @@ MAX_PIXELS_OPT = typer.Option(
 MAX_PROPOSALS_OPT = typer.Option(1000, help="Keep at most this many proposals per image (the highest-scoring, else the first); 0: all.")
 
 
+def _check_inputs(checkpoint: Optional[Path] = None, kam: Optional[Path] = None) -> None:
+    """Refuse a missing or non-regular --checkpoint/--kam before any work (a FIFO would block)."""
+    from .safeload import regular_file
+
+    if checkpoint is not None and not checkpoint.is_dir():
+        regular_file(checkpoint, "checkpoint")
+    if kam is not None:
+        regular_file(kam, "KAM model", missing=f"KAM model {kam} does not exist")
+
+
+#: What matplotlib can write (--save-vis, demo -o).
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".svgz", ".tif", ".tiff", ".webp", ".eps", ".ps")
+
+
+def _why(exc: BaseException) -> str:
+    """An OSError's reason in a few words ("No space left on device"), else its first line."""
+    if getattr(exc, "strerror", None):
+        return str(exc.strerror)[:160]  # type: ignore[attr-defined]
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _check_output(path: Optional[Path], what: str, *, folder: bool = False, picture: bool = False) -> None:
+    """Refuse an output path that cannot be written, before the work starts.
+
+    ``folder``: the path is a run folder (absent or a folder); else a file (absent or a
+    regular file). Its nearest existing ancestor must be a writable folder.
+    """
+    import os
+
+    if path is None:
+        return
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise BicmError(f"{what} {path} is a file, not a folder")
+    elif path.is_dir():
+        raise BicmError(f"{what} {path} is a folder; give a file name")
+    elif path.exists():
+        from .safeload import regular_file
+
+        regular_file(path, what)
+    if picture and path.suffix.lower() not in PICTURE_SUFFIXES:
+        raise BicmError(f"{what} {path}: unknown picture type {path.suffix or '(none)'!r}; use one of {', '.join(PICTURE_SUFFIXES)}")
+    target = path if folder and path.is_dir() else path.parent
+    ancestor = target
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BicmError(f"{what} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BicmError(f"{what} {path}: cannot write in {ancestor} (read-only or no permission)")
+
+
 def _source_options(
     top_n: int,
     ss_mode: str,
@@ -242,7 +365,9 @@ def ground(
     max_proposals: int = MAX_PROPOSALS_OPT,
 ) -> None:
     """Ground phrases in an image: print the box each phrase describes."""
+    _check_output(save_vis, "--save-vis", picture=True)
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint, kam=kam)
     from .api import BiCMConfig, Grounder
     from .imageio import DEFAULT_MAX_PIXELS, load_image
     from .proposals import Proposals
@@ -294,13 +419,16 @@ def ground(
     if as_json:
         for result in results:
             record = {"image": str(image), **result.to_dict()}
-            typer.echo(json.dumps(record))
+            typer.echo(finite_json(record))
     else:
         _print_table(image, results)
     if save_vis is not None:
         from .viz import save_visualization
 
-        save_visualization(pil, results, save_vis)
+        try:
+            save_visualization(pil, results, save_vis)
+        except (OSError, ValueError) as exc:
+            raise BicmError(f"the results above are complete, but the picture {save_vis} could not be written ({_why(exc)})") from None
         print(f"bicm: wrote {save_vis}", file=sys.stderr)
 
 
@@ -351,9 +479,12 @@ def evaluate_command(
     max_proposals: int = MAX_PROPOSALS_OPT,
 ) -> None:
     """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
+    _check_output(out, "--out", folder=True)
+    _check_output(summary_json, "--summary-json")
     import os
 
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint, kam=kam)
 
     from .api import BiCMConfig, Grounder
     from .backbone import load_backbone
@@ -414,6 +545,8 @@ def eval_merge(
     summary_json: Optional[Path] = typer.Option(None, help="Also write the summary JSON here."),
 ) -> None:
     """Merge the run folders of 'bicm eval --part K/N' shards and summarise them."""
+    _check_output(out, "--out", folder=True)
+    _check_output(summary_json, "--summary-json")
     from .evaluate import merge_runs
 
     _report(merge_runs(shards, out), out, summary_json, None)
@@ -424,7 +557,13 @@ def _report(summary: dict, run_dir: Path, summary_json: Optional[Path], feature_
     from .evaluate import markdown_table
 
     if summary_json is not None:
-        atomic_write_text(summary_json, json.dumps(summary, indent=1) + "\n")
+        try:
+            atomic_write_text(summary_json, json.dumps(summary, indent=1) + "\n")
+        except OSError as exc:
+            typer.echo(finite_json(summary))
+            raise BicmError(
+                f"the run is complete in {run_dir} (summary printed above), but {summary_json} could not be written ({_why(exc)})"
+            ) from None
     typer.echo(markdown_table(summary))
     if feature_cache is not None:
         stats = feature_cache.stats
@@ -447,6 +586,7 @@ def train_clip_command(
     save_every: int = typer.Option(100, help="Save the resumable training state every N steps (0: only on Ctrl-C)."),
 ) -> None:
     """Train the small shapes-world CLIP (InfoNCE, learnable temperature); writes weights, card and curves."""
+    _check_output(out, "--out")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .shapes.train import TrainConfig, state_path, train_clip
@@ -497,6 +637,7 @@ def train_detector_command(
     save_every: int = typer.Option(200, help="Save the resumable training state every N steps (0: only on Ctrl-C)."),
 ) -> None:
     """Train the shapes-world detector (Faster R-CNN from scratch on boxes and shape names) for '--proposals shapes-detector'."""
+    _check_output(out, "--out")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .shapes.detector import DetectorConfig, state_path, train_detector
@@ -583,6 +724,7 @@ def pseudo_label_command(
     ),
 ) -> None:
     """KAM step 1: pair unpaired images with their most similar query, ground them, keep the sure boxes."""
+    _check_output(out, "--out", folder=True)
     from .api import BiCMConfig, Grounder
     from .backbone import load_backbone
     from .proposals.naming import ClipNamer
@@ -590,6 +732,7 @@ def pseudo_label_command(
     from .pseudo import dataset_unpaired, read_image_list, read_query_list, run_pseudo_label, shapes_unpaired
 
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint)
     if limit is not None and limit < 1:
         raise BicmError("--limit must be at least 1")
     if dataset is not None and dataset.startswith("shapes"):
@@ -665,6 +808,7 @@ def train_kam_command(
     Resumable: the training state is saved after every epoch to <out stem>.state.pt; after
     Ctrl-C the same command continues to the same weights.
     """
+    _check_output(out, "--out")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .interrupt import state_path
@@ -726,6 +870,7 @@ def demo(
     every output gives the chosen box's IoU with its truth, so the demo shows how well the
     method grounds, right or wrong.
     """
+    _check_output(out, "--out", picture=True)
     import torch
     from torchvision.ops import box_iou
 
@@ -749,13 +894,16 @@ def demo(
     if as_json:
         for result, truth, overlap in zip(results, truths, overlaps):
             extra = {} if truth is None else {"truth": [round(v, 2) for v in truth], "iou": overlap}
-            typer.echo(json.dumps({"image": path.name, **result.to_dict(candidates=False), **extra}))
+            typer.echo(finite_json({"image": path.name, **result.to_dict(candidates=False), **extra}))
     else:
         _print_table(Path(path.name), results)
         for query, overlap in zip(queries, overlaps):
             if overlap is not None:
                 print(f"bicm: {query!r}: IoU {overlap:.2f} with the true box ({'right' if overlap > 0.5 else 'wrong'} at 0.5)", file=sys.stderr)
-    save_visualization(load_image(path), results, out, truths=truths)
+    try:
+        save_visualization(load_image(path), results, out, truths=truths)
+    except (OSError, ValueError) as exc:
+        raise BicmError(f"the results above are complete, but the picture {out} could not be written ({_why(exc)})") from None
     print(f"bicm: wrote {out}", file=sys.stderr)
 
 
@@ -791,6 +939,7 @@ def proposals_extract(
     device: str = DEVICE_OPT,
 ) -> None:
     """Run a proposal source over images into a JSONL file (resumable, with progress)."""
+    _check_output(output, "--output")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .errors import BicmError as _Err
@@ -846,8 +995,10 @@ def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:
         if path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
                 found.append((file.relative_to(path).as_posix(), file))
-        elif path.is_file():
-            found.append((path.name, path))
+        elif path.exists():
+            from .safeload import regular_file
+
+            found.append((path.name, regular_file(path, "image")))
         else:
             raise _Err(f"no such image or folder: {path}")
     keys = [k for k, _ in found]
@@ -870,6 +1021,7 @@ def proposals_convert(
     vocabulary: str = typer.Option("vg1600", help="Vocabulary of TSV class ids (vg1600, coco80 or a text file)."),
 ) -> None:
     """Convert between bicm JSONL, ReCLIP JSON and bottom-up-attention TSV."""
+    _check_output(output, "output")
     from .proposals.files import read_proposals_file, write_detections
     from .proposals.formats import write_bottom_up_tsv, write_reclip
 
@@ -941,6 +1093,7 @@ def serve(
     from .serve import ServeLimits, serve_command
 
     _use_threads(threads)
+    _check_inputs(checkpoint=checkpoint, kam=kam)
     limits = ServeLimits(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=max_image_pixels,

@@ -33,9 +33,10 @@ import torch
 from torchvision.ops import box_iou
 
 from .api import BiCMConfig, Grounder, ImageFeatures, config_dict, same_method
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, folder_lock
 from .data import GroundingSample
 from .errors import BicmError, warn
+from .safeload import json_loads
 from .imageio import load_image
 from .interrupt import Interrupted, deferred
 from .jsonl import JsonlAppender, read_jsonl
@@ -261,30 +262,34 @@ def run_eval(
         versions=versions(),
     )
     torch.manual_seed(EVAL_SEED)  # nothing in an eval draws random numbers; should a source do so, it is seeded
-    _check_run_file(out_dir, run)
-    needs = _needs(rows)
-    groups = _group_by_image(chosen)
-    predictions = out_dir / "predictions.jsonl"
-    errors = 0
-    with JsonlAppender(predictions, key_field="id") as out:
-        todo = [(image, [s for s in group if s.sample_id not in out.done]) for image, group in groups.items()]
-        todo = [(image, group) for image, group in todo if group]
-        done_queries = len(chosen) - sum(len(g) for _, g in todo)
-        if done_queries:
-            print_note(f"resuming: {done_queries} of {len(chosen)} queries already in {predictions}")
-        hits = {"n": 0, "k": 0}
-        with _progress(progress, len(chosen), done_queries) as bar, _kept_on_interrupt(out, len(chosen), predictions):
-            for index, (image_file, group) in enumerate(todo):
-                records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source)
-                errors += sum(1 for r in records if r.get("error"))
-                with deferred():  # Ctrl-C never cuts an image's records in half
-                    out.append(records)
-                for r in records:
-                    hits["n"] += 1
-                    hits["k"] += int(r["rows"].get(MAIN_ROW, {}).get("hit", False))
-                bar.advance(len(group), hits["k"] / max(1, hits["n"]))
-                if on_image is not None:
-                    on_image(index + 1)
+    with folder_lock(out_dir, "bicm eval"):
+        _check_run_file(out_dir, run)
+        needs = _needs(rows)
+        groups = _group_by_image(chosen)
+        predictions = out_dir / "predictions.jsonl"
+        errors = 0
+        with JsonlAppender(predictions, key_field="id") as out:
+            # An image is computed with all its queries or not at all: its queries share batches,
+            # so recomputing only the missing ones of a half-written image (a full disk cut the
+            # append) would differ in the last digits from an uninterrupted run.
+            todo = [(image, group) for image, group in groups.items() if any(s.sample_id not in out.done for s in group)]
+            done_queries = len(chosen) - sum(1 for _, g in todo for s in g if s.sample_id not in out.done)
+            if done_queries:
+                print_note(f"resuming: {done_queries} of {len(chosen)} queries already in {predictions}")
+            hits = {"n": 0, "k": 0}
+            with _progress(progress, len(chosen), done_queries) as bar, _kept_on_interrupt(out, len(chosen), predictions):
+                for index, (image_file, group) in enumerate(todo):
+                    records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source)
+                    records = [r for r in records if str(r["id"]) not in out.done]  # the same values, written once
+                    errors += sum(1 for r in records if r.get("error"))
+                    with deferred():  # Ctrl-C never cuts an image's records in half
+                        out.append(records)
+                    for r in records:
+                        hits["n"] += 1
+                        hits["k"] += int(r["rows"].get(MAIN_ROW, {}).get("hit", False))
+                    bar.advance(len(records), hits["k"] / max(1, hits["n"]))
+                    if on_image is not None:
+                        on_image(index + 1)
     records = {r["id"]: r for r in read_jsonl(predictions)}
     wanted = [records[s.sample_id] for s in chosen if s.sample_id in records]
     summary = summarize(wanted, run)
@@ -504,7 +509,7 @@ def merge_runs(shards: Sequence[Union[str, Path]], out_dir: Union[str, Path]) ->
         run_file, predictions = shard / "run.json", shard / "predictions.jsonl"
         if not run_file.is_file() or not predictions.is_file():
             raise BicmError(f"{shard} is not an eval run folder (run.json and predictions.jsonl)")
-        runs.append(EvalRun(**json.loads(run_file.read_text())))
+        runs.append(EvalRun(**json_loads(run_file.read_text(), run_file)))
         for record in read_jsonl(predictions):
             previous = records.get(record["id"])
             if previous is not None and previous["rows"] != record["rows"]:
@@ -535,7 +540,7 @@ def _check_run_file(out_dir: Path, run: EvalRun) -> None:
     path = out_dir / "run.json"
     if path.is_file():
         try:
-            previous = EvalRun(**json.loads(path.read_text()))
+            previous = EvalRun(**json_loads(path.read_text(), path))
         except (json.JSONDecodeError, TypeError):
             raise BicmError(f"{path} is not a bicm run file; use another --out") from None
         if not previous.same_work(run):

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BicmError, warn
+from .safeload import regular_file
 
 __all__ = ["load_image", "to_rgb", "image_digest", "DEFAULT_MAX_PIXELS", "ImageSource"]
 
@@ -80,10 +81,7 @@ def load_image(
         return to_rgb(source)
     path = Path(source)
     name = str(path)
-    if not path.exists():
-        raise BicmError(f"image not found: {name}")
-    if not path.is_file():
-        raise BicmError(f"image path is not a file: {name}")
+    regular_file(path, "image", missing=f"image not found: {name}")
     image = _open(path, max_pixels)
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise BicmError(

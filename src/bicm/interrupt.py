@@ -136,8 +136,12 @@ def load_state(path: Path, fmt: str, settings: dict[str, Any]) -> Optional[dict[
 
     from .errors import BicmError
 
-    if not path.is_file():
+    from .safeload import check_torch_file, regular_file
+
+    if not path.exists():
         return None
+    regular_file(path, "training state")
+    check_torch_file(path)  # torch's allow-list can build gigabytes from a few bytes
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
 from .errors import BicmError
+from .safeload import json_loads
 
-__all__ = ["JsonlAppender", "read_jsonl"]
+__all__ = ["JsonlAppender", "finite", "finite_json", "read_jsonl"]
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def finite_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that never writes ``NaN``/``Infinity`` (they become null)."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def read_jsonl(path: Union[str, Path], *, drop_cut_tail: bool = True) -> Iterator[dict[str, Any]]:
@@ -22,7 +40,7 @@ def read_jsonl(path: Union[str, Path], *, drop_cut_tail: bool = True) -> Iterato
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_loads(line, f"{path} line {number}")
         except json.JSONDecodeError:
             raise BicmError(f"{path} line {number} is not valid JSON") from None
         if not isinstance(record, dict):
@@ -60,7 +78,7 @@ class JsonlAppender:
         records = list(records)
         if not records:
             return
-        self._handle.write("".join(json.dumps(r) + "\n" for r in records))
+        self._handle.write("".join(finite_json(r) + "\n" for r in records))
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self.done.update(str(r[self.key_field]) for r in records)

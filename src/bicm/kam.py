@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from .atomic import atomic_path
 from .errors import BicmError
+from .safeload import json_loads, regular_file
 
 __all__ = ["KamConfig", "KamMLP", "KamPair", "KamModel", "kam_inputs", "train_kam", "pair_loss", "FILE_KEY"]
 
@@ -213,8 +214,7 @@ class KamModel:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
-        if not path.is_file():
-            raise BicmError(f"KAM model {path} does not exist")
+        regular_file(path, "KAM model", missing=f"KAM model {path} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get(FILE_KEY)
@@ -223,17 +223,58 @@ class KamModel:
             raise BicmError(f"{path} is not a safetensors file ({exc})") from None
         if raw is None:
             raise BicmError(f"{path} is not a bicm KAM model (no {FILE_KEY!r} metadata)")
-        meta = json.loads(raw)
-        if meta.get("format") != _FORMAT:
-            raise BicmError(f"{path}: unsupported KAM file format {meta.get('format')!r}")
-        config = KamConfig(**meta["config"])
-        mlp = KamMLP(int(meta["embed_dim"]), config.hidden)
+        try:
+            meta = json_loads(raw, path)
+        except ValueError as exc:
+            raise BicmError(f"{path}: its {FILE_KEY!r} metadata is not valid JSON ({exc})") from None
+        config, embed_dim = _check_meta(meta, path)
+        # the recorded sizes must match the stored weights before anything is allocated from them
+        first = state.get("net.0.weight")
+        if not isinstance(first, torch.Tensor) or tuple(first.shape) != (config.hidden, 4 * embed_dim):
+            shape = tuple(first.shape) if isinstance(first, torch.Tensor) else None
+            raise BicmError(
+                f"{path}: weights do not match the recorded config (hidden={config.hidden}, embed_dim={embed_dim}; "
+                f"first layer {shape})"
+            )
+        mlp = KamMLP(embed_dim, config.hidden)
         try:
             mlp.load_state_dict(state)
         except RuntimeError as exc:
             raise BicmError(f"{path}: weights do not match the recorded config ({str(exc).splitlines()[0]})") from None
         mlp.eval().to(device)
         return cls(mlp, config, meta["backbone_id"], meta.get("backbone_name", ""), bool(meta.get("use_names", True)), meta.get("info", {}))
+
+
+def _check_meta(meta: Any, path: Path) -> tuple[KamConfig, int]:
+    """The config and embedding width a KAM file records, type-checked (one BicmError line)."""
+
+    def bad(what: str) -> BicmError:
+        return BicmError(f"{path}: malformed KAM metadata ({what})")
+
+    if not isinstance(meta, dict):
+        raise bad(f"a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != _FORMAT:
+        raise BicmError(f"{path}: unsupported KAM file format {str(meta.get('format'))[:40]!r}")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise bad("no 'config' object")
+    fields = {"hidden": int, "epochs": int, "lr": (int, float), "batch_pairs": int, "seed": int}
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise bad(f"unknown config entry {unknown[0][:40]!r}")
+    for key, kind in fields.items():
+        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], kind)):
+            raise bad(f"config {key!r} is a {type(config[key]).__name__}")
+    embed_dim = meta.get("embed_dim")
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or not 1 <= embed_dim <= 1 << 16:
+        raise bad(f"embed_dim {str(embed_dim)[:40]}")
+    if not 1 <= config.get("hidden", 512) <= 1 << 16:
+        raise bad(f"hidden {config['hidden']}")
+    if not isinstance(meta.get("backbone_id"), str):
+        raise bad("no 'backbone_id' string")
+    if not isinstance(meta.get("backbone_name", ""), str) or not isinstance(meta.get("info", {}), dict):
+        raise bad("'backbone_name' or 'info' of the wrong type")
+    return KamConfig(**config), embed_dim
 
 
 def train_kam(

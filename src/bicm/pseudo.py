@@ -30,6 +30,7 @@ from .api import BiCMConfig, Grounder, config_dict, same_method
 from .atomic import atomic_write_text
 from .cache import FeatureCache
 from .errors import BicmError, warn
+from .safeload import json_loads, regular_file
 from .evaluate import wilson_interval
 from .imageio import load_image
 from .jsonl import JsonlAppender, read_jsonl
@@ -355,7 +356,7 @@ def read_kam_pairs(run_dir: Union[str, Path], thr_k: Optional[float] = None) -> 
     run_file, pairs_file, store_file = run_dir / "run.json", run_dir / "pairs.jsonl", run_dir / "kam_features.sqlite"
     if not (run_file.is_file() and pairs_file.is_file() and store_file.is_file()):
         raise BicmError(f"{run_dir} is not a finished 'bicm pseudo-label' folder (run.json, pairs.jsonl, kam_features.sqlite)")
-    run = json.loads(run_file.read_text())
+    run = json_loads(run_file.read_text(), run_file)
     thr_k = run["thr_k"] if thr_k is None else thr_k
     if thr_k < run["features_above"]:
         raise BicmError(
@@ -419,7 +420,7 @@ def _check_run_file(out_dir: Path, run: PseudoRun) -> None:
     path = out_dir / "run.json"
     if path.is_file():
         try:
-            previous = PseudoRun(**json.loads(path.read_text()))
+            previous = PseudoRun(**json_loads(path.read_text(), path))
         except (json.JSONDecodeError, TypeError):
             raise BicmError(f"{path} is not a bicm pseudo-label run file; use another --out") from None
         if not previous.same_work(run):
@@ -496,8 +497,7 @@ def read_image_list(path: Path) -> list[tuple[str, Path]]:
     """
     if path.is_dir():
         return [(str(p.relative_to(path)), p) for p in iter_image_files(path)]
-    if not path.is_file():
-        raise BicmError(f"image list {path} does not exist")
+    regular_file(path, "image list", missing=f"image list {path} does not exist")
     out = []
     for number, entry in enumerate(_list_entries(path, "image"), start=1):
         file = Path(entry)
@@ -509,8 +509,7 @@ def read_image_list(path: Path) -> list[tuple[str, Path]]:
 
 def read_query_list(path: Path) -> list[str]:
     """Queries from a text file (one per line) or JSON Lines (``"query"``)."""
-    if not path.is_file():
-        raise BicmError(f"query list {path} does not exist")
+    regular_file(path, "query list", missing=f"query list {path} does not exist")
     queries = list(_list_entries(path, "query"))
     if not queries:
         raise BicmError(f"{path} lists no queries")

@@ -514,7 +514,7 @@ def create_app(service: DemoService):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -549,7 +549,12 @@ def create_app(service: DemoService):
             return error(f"the request is {int(length) / MB:.1f} MB; this server accepts images up to {limits.max_upload_bytes / MB:g} MB", 413)
         capped = Request(request.scope, _capped_receive(request.receive, allowed, HTTPException))
         try:
-            form = await capped.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+            # a stalled upload is cut at the request timeout, not waited for forever
+            form = await asyncio.wait_for(capped.form(max_files=1, max_fields=8, max_part_size=64 * 1024), timeout=limits.timeout_s)
+        except ClientDisconnect:  # the client left mid-upload: nobody to answer, nothing to log
+            return Response(status_code=400)
+        except asyncio.TimeoutError:
+            return error(f"the upload did not arrive within {limits.timeout_s:g} s", 408)
         except MultiPartException as exc:
             return error(f"malformed form: {exc}", 400)
         except HTTPException as exc:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import BicmError
+from ..safeload import regular_file
 from .flickr30k import read_flickr30k_entities
 from .jsonl import read_jsonl_dataset
 from .refer import REFER_DATASETS, read_refer
@@ -160,6 +161,8 @@ def load_dataset(
         path = transvg_file(annotations, name, split)
         if annotations.is_file():
             _check_file_matches(path, name, split)
+        if path.exists():
+            regular_file(path, "split file")
         if not path.is_file():
             if split not in info.splits:
                 raise BicmError(f"unknown split {split!r} for {name!r}; choose one of {', '.join(info.splits)}")
@@ -171,6 +174,8 @@ def load_dataset(
             raise BicmError(f"{name!r} has no {split_by!r} partition; choose one of {', '.join(REFER_DATASETS[name])}")
         samples = read_refer(annotations, split, split_by, query_field=query_field)
     elif info.reader == "jsonl":
+        if annotations.exists() and not annotations.is_dir():
+            regular_file(annotations, "dataset file")
         if not annotations.is_file():
             raise BicmError(f"dataset jsonl needs annotations= the .jsonl file, not {annotations}")
         samples = read_jsonl_dataset(annotations, split)

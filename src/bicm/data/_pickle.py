@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BicmError
+from ..safeload import check_torch_file, regular_file
 
 __all__ = ["BUILTIN_NAMES", "NUMPY_NAMES", "load_pickle", "load_torch_file"]
 
@@ -52,14 +53,50 @@ def _sized(kind: type) -> Any:
     return build
 
 
+def _refuse(what: str) -> BicmError:
+    return BicmError(f"refusing to read a pickle that asks for {what}, which builds a large object from a small input")
+
+
+def _text_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` for what protocol-2 pickles need (``bytes`` as latin-1 text) only:
+    bytes-to-bytes codecs (``hex`` doubles its input; nested, a few bytes ask for gigabytes) are refused."""
+    if not isinstance(obj, str) or not isinstance(encoding, str) or not isinstance(errors, str):
+        raise _refuse(f"_codecs.encode({type(obj).__name__}, ...)")
+    import codecs
+
+    try:
+        info = codecs.lookup(encoding)
+    except LookupError:
+        raise BicmError(f"refusing to read a pickle that asks for the unknown codec {encoding[:40]!r}") from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise _refuse(f"_codecs.encode(..., {encoding[:40]!r})")
+    return __import__("_codecs").encode(obj, encoding, errors)
+
+
+def _plain_str(*args: Any) -> str:
+    """``str`` of text or bytes only: ``str`` of a container is its repr, which repeats shared
+    objects and so turns a few bytes of memo references into gigabytes."""
+    if not args:
+        return ""
+    if isinstance(args[0], str) and len(args) == 1:
+        return args[0]
+    if isinstance(args[0], (bytes, bytearray)) and len(args) >= 2:
+        return str(*args)
+    if isinstance(args[0], (int, float)) and len(args) == 1:
+        return str(args[0])
+    raise _refuse(f"str({type(args[0]).__name__})")
+
+
 #: Names a pickle of plain Python data may need (``__builtin__`` is Python 2's module name;
 #: ``_codecs.encode`` is how protocol-2 pickles rebuild ``bytes``).
 BUILTIN_NAMES: dict[str, Any] = {
     **{f"{m}.{t}": getattr(builtins, t) for m in ("builtins", "__builtin__") for t in _BUILTIN_TYPES},
     **{f"{m}.{t.__name__}": _sized(t) for m in ("builtins", "__builtin__") for t in (bytes, bytearray)},
-    "__builtin__.unicode": str,
+    "builtins.str": _plain_str,
+    "__builtin__.str": _plain_str,
+    "__builtin__.unicode": _plain_str,
     "__builtin__.long": int,
-    "_codecs.encode": __import__("_codecs").encode,
+    "_codecs.encode": _text_encode,
 }
 
 
@@ -71,10 +108,39 @@ def _numpy_names() -> dict[str, Any]:
         from numpy._core import multiarray
     except ImportError:  # numpy 1.x
         from numpy.core import multiarray  # type: ignore[no-redef]
-    names: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    class ndarray_name:  # noqa: N801  (what "numpy.ndarray" resolves to)
+        """Stands for ``numpy.ndarray`` as the argument of ``_reconstruct``; called itself (an
+        array of any shape from a few bytes), it refuses."""
+
+        bicm_argument = True  # passed to a callable, never called: not wrapped by the budget
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            raise _refuse("numpy.ndarray(<shape>)")
+
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+        # numpy pickles start every array empty (shape (0,)) and fill it from its data;
+        # another shape would allocate memory the file does not hold
+        if subtype is ndarray_name:
+            subtype = np.ndarray
+        if not (isinstance(subtype, type) and issubclass(subtype, np.ndarray)):
+            raise _refuse(f"numpy's _reconstruct of a {type(subtype).__name__}")
+        if tuple(shape) != (0,):
+            raise _refuse(f"an empty numpy array of shape {tuple(shape)!r}")
+        return multiarray._reconstruct(subtype, shape, dtype)
+
+    def scalar(dtype: Any, *data: Any) -> Any:
+        if not isinstance(dtype, np.dtype):
+            raise _refuse("a numpy scalar of no dtype")
+        if not data and dtype.itemsize > 64:
+            raise _refuse(f"a {dtype.itemsize:,}-byte numpy scalar without its data")
+        if data and isinstance(data[0], (bytes, bytearray)) and len(data[0]) < dtype.itemsize:
+            raise BicmError("a numpy scalar in the pickle is shorter than its dtype")
+        return multiarray.scalar(dtype, *data)
+
+    names: dict[str, Any] = {"numpy.ndarray": ndarray_name, "numpy.dtype": np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        names[f"{module}._reconstruct"] = multiarray._reconstruct
-        names[f"{module}.scalar"] = multiarray.scalar
+        names[f"{module}._reconstruct"] = reconstruct
+        names[f"{module}.scalar"] = scalar
     return names
 
 
@@ -82,18 +148,54 @@ class _HoldsTensors(Exception):
     """The pickle refers to torch storages: only ``torch.load`` can rebuild those."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that can only look up the names of ``allowed``."""
+MB = 1 << 20
 
-    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[str, Any], source: str, **kwargs: Any):
+
+def _built_size(value: Any) -> int:
+    """About how many bytes an object built by an allowed callable holds (itself, not what it
+    refers to: those were built, and counted, before)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        return 8 * len(value) + 64
+    nbytes = getattr(value, "nbytes", None)
+    return int(nbytes) if isinstance(nbytes, int) else 64
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that can only look up the names of ``allowed``, and whose calls may build
+    at most ``64 MB + 16 x the file's size`` in all.
+
+    Every allowed callable copies at most a few times its input, but the memo lets a pickle
+    pass one large string to thousands of calls for two bytes each (``list(s)``, ``bytearray(s)``...):
+    without a total, a 1 MB file could still ask for gigabytes.
+    """
+
+    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[str, Any], source: str, size: int = 0, **kwargs: Any):
         super().__init__(file, **kwargs)
         self._allowed = allowed
         self._source = source
+        self._budget = 64 * MB + 16 * size
+        self._spent = 0
+
+    def _counted(self, func: Any, key: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = func(*args, **kwargs)
+            self._spent += _built_size(result)
+            if self._spent > self._budget:
+                raise BicmError(
+                    f"refusing to read {self._source}: its calls ({key} and others) build more than "
+                    f"{self._budget // MB} MB from the file (nothing from the file was run)"
+                )
+            return result
+
+        return call
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
         if key in self._allowed:
-            return self._allowed[key]
+            found = self._allowed[key]
+            return found if getattr(found, "bicm_argument", False) else self._counted(found, key)
         if module == "torch" or module.startswith("torch."):
             raise _HoldsTensors()  # torch.load(weights_only=True) decides on torch's own names
         raise BicmError(
@@ -114,19 +216,22 @@ def _unpickle(data: bytes, allowed: Mapping[str, Any], source: str, n_objects: i
     for encoding in ("utf-8", "latin1"):
         stream = io.BytesIO(data)
         try:
-            return [_RestrictedUnpickler(stream, allowed, source, encoding=encoding).load() for _ in range(n_objects)]
+            return [_RestrictedUnpickler(stream, allowed, source, len(data), encoding=encoding).load() for _ in range(n_objects)]
         except UnicodeDecodeError:
             continue
-        except (BicmError, _HoldsTensors):
+        except _HoldsTensors:
             raise
+        except BicmError as exc:
+            if source in str(exc):
+                raise
+            raise BicmError(f"{source}: {exc} (nothing from the file was run)") from None
         except Exception as exc:  # truncated or not a pickle at all
             raise BicmError(f"cannot read {source}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     raise AssertionError("latin1 decodes any bytes")  # pragma: no cover
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise BicmError(f"annotation file {path} does not exist")
+    regular_file(path, "annotation file", missing=f"annotation file {path} does not exist")
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -187,8 +292,12 @@ def _torch_load(path: Path, allowed: Mapping[str, Any]) -> Any:
     """``torch.load(weights_only=True)`` with ``allowed`` added to torch's own allow-list."""
     import torch
 
-    extra = [(obj, name) for name, obj in allowed.items() if not name.startswith(("builtins.", "__builtin__."))]
+    extra = [(obj, name) for name, obj in allowed.items() if not name.startswith(("builtins.", "__builtin__.", "_codecs."))]
     extra += _numpy_dtype_classes()
+    # torch only BUILDs objects of allowed types; "numpy.ndarray" itself resolves to a stand-in
+    # that cannot be called, so the real type goes in under a name GLOBAL (one line) cannot spell
+    extra.append((__import__("numpy").ndarray, "numpy.ndarray\n(built by _reconstruct, never looked up)"))
+    check_torch_file(path)  # torch's allow-list holds bytearray(size) and _codecs.encode(hex): memory bombs
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True)

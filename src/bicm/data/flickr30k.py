@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..errors import BicmError, warn
+from ..safeload import regular_file
 from .sample import Box, GroundingSample, is_proper_box, missing_report, to_xyxy
 
 __all__ = [
@@ -90,7 +91,7 @@ def parse_annotation_xml(path: PathLike) -> FlickrAnnotation:
     BicmError
         When the file is missing, not XML, or holds a box that is not four numbers.
     """
-    path = Path(path)
+    path = regular_file(path, "annotation file")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -133,8 +134,7 @@ def _int_or_none(text: Optional[str]) -> Optional[int]:
 def read_split_ids(path: PathLike) -> list[str]:
     """Image ids of a split list (``test.txt``): one per line, blank lines ignored, order kept."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise BicmError(f"split list {path} does not exist")
+    regular_file(path, "split list", missing=f"split list {path} does not exist")
     ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not ids:
         raise BicmError(f"split list {path} is empty")
@@ -193,7 +193,7 @@ def read_flickr30k_entities(
     skipped = degenerate = 0
     for image_id in image_ids:
         ann = parse_annotation_xml(folder / "Annotations" / f"{image_id}.xml")
-        lines = (folder / "Sentences" / f"{image_id}.txt").read_text(encoding="utf-8").splitlines()
+        lines = regular_file(folder / "Sentences" / f"{image_id}.txt", "sentences file").read_text(encoding="utf-8").splitlines()
         for s_idx, line in enumerate(lines):
             for p_idx, phrase in enumerate(parse_sentence(line)):
                 boxes = ann.boxes.get(phrase.entity_id)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import BicmError
+from ..safeload import regular_file
 from ..jsonl import read_jsonl
 from .sample import GroundingSample, is_proper_box, to_xyxy
 
@@ -25,8 +26,7 @@ __all__ = ["read_jsonl_dataset"]
 def read_jsonl_dataset(path: Union[str, Path], split: Optional[str] = None) -> list[GroundingSample]:
     """Read a JSON Lines dataset (see the module docs)."""
     path = Path(path)
-    if not path.is_file():
-        raise BicmError(f"dataset file not found: {path}")
+    regular_file(path, "dataset file", missing=f"dataset file not found: {path}")
     samples = []
     seen: set[str] = set()
     for number, record in enumerate(read_jsonl(path, drop_cut_tail=False), start=1):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import BicmError, warn
+from ..safeload import json_loads, regular_file
 from ._pickle import BUILTIN_NAMES, load_pickle
 from .sample import GroundingSample, is_proper_box, to_xyxy
 
@@ -77,6 +78,8 @@ def read_refer(
     if query_field not in ("sent", "raw"):
         raise BicmError(f"query_field must be 'sent' or 'raw', got {query_field!r}")
     refs_path = folder / f"refs({split_by}).p"
+    if refs_path.exists():
+        regular_file(refs_path, "refs file")
     if not refs_path.is_file():
         found = sorted(p.name for p in folder.glob("refs(*).p")) if folder.is_dir() else []
         hint = f" (the folder has {', '.join(found)})" if found else ""
@@ -135,10 +138,9 @@ def _field(ref: dict, key: str, path: Path) -> Any:
 
 def _read_instances(path: Path) -> tuple[dict[Any, str], dict[Any, tuple[float, float, float, float]]]:
     """``(image id -> file name, annotation id -> xyxy box)`` from a COCO-style instances file."""
-    if not path.is_file():
-        raise BicmError(f"instances file {path} does not exist")
+    regular_file(path, "instances file", missing=f"instances file {path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_loads(path.read_text(encoding="utf-8"), path)
         images = {img["id"]: str(img["file_name"]) for img in data["images"]}
         boxes = {ann["id"]: to_xyxy(ann["bbox"], "xywh") for ann in data["annotations"]}
     except json.JSONDecodeError as exc:

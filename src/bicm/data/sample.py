@@ -148,6 +148,17 @@ def missing_report(missing: Sequence[str], total: int, kind: str, where: PathLik
     return f"{len(missing)} of {total} {kind} {verb} missing under {where}: {names}"
 
 
+def _escapes(image_file: str) -> bool:
+    """An annotation's image path that is absolute or climbs out of the image folder."""
+    import ntpath
+    from pathlib import PurePosixPath
+
+    text = str(image_file)
+    if "\x00" in text or PurePosixPath(text).is_absolute() or ntpath.isabs(text) or ntpath.splitdrive(text)[0]:
+        return True
+    return ".." in PurePosixPath(text.replace("\\", "/")).parts
+
+
 def check_images(samples: Iterable[GroundingSample], root: PathLike) -> None:
     """Check that every image of ``samples`` exists under ``root``, before any work starts.
 
@@ -161,6 +172,13 @@ def check_images(samples: Iterable[GroundingSample], root: PathLike) -> None:
     if not root.is_dir():
         raise BicmError(f"image folder {root} does not exist or is not a folder")
     files = list(dict.fromkeys(s.image_file for s in samples))
+    escaping = [f for f in files if _escapes(f)]
+    if escaping:
+        names = ", ".join(repr(f) for f in escaping[:3]) + (", ..." if len(escaping) > 3 else "")
+        raise BicmError(
+            f"{len(escaping)} of {len(files)} image paths in the annotations leave the image folder {root} "
+            f"(absolute, or through '..'): {names}; refusing to read them"
+        )
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
         raise BicmError(missing_report(missing, len(files), "images", root))

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..backbone import resolve_device
 from ..errors import BicmError
+from ..safeload import check_torch_file, regular_file
 from . import Proposals
 from .sources import ProposalSource, register_source
 
@@ -74,14 +75,16 @@ class FasterRCNN(ProposalSource):
         heads = dict(box_score_thresh=self.score_floor, box_detections_per_img=self.top_n, box_nms_thresh=nms_iou)
         if checkpoint is not None:
             path = Path(checkpoint)
-            if not path.is_file():
-                raise BicmError(f"detector checkpoint not found: {path}")
+            regular_file(path, "detector checkpoint", missing=f"detector checkpoint not found: {path}")
             model = builder(weights=None, weights_backbone=None, num_classes=len(self.categories), **heads)
             try:
+                check_torch_file(path)  # torch's allow-list can build gigabytes from a few bytes
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
                 if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                     state = state["model"]
                 model.load_state_dict(state)
+            except BicmError:
+                raise
             except Exception as exc:
                 detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise BicmError(f"cannot load detector checkpoint {path} into {arch}: {detail}") from None

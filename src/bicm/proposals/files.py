@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from ..atomic import atomic_write_text
 from ..errors import BicmError
+from ..safeload import json_loads, regular_file
 from ..jsonl import JsonlAppender
 from . import Proposals
 
@@ -92,8 +93,7 @@ def read_detections(path: Union[str, Path], box_format: Optional[str] = None) ->
     path = Path(path)
     if box_format is not None and box_format not in BOX_FORMATS:
         raise BicmError(f"unknown box format {box_format!r}; use xyxy or xywh")
-    if not path.is_file():
-        raise BicmError(f"detections file not found: {path}")
+    regular_file(path, "detections file", missing=f"detections file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not content
     except (OSError, UnicodeDecodeError) as exc:
@@ -116,7 +116,7 @@ def _records(text: str, path: Path) -> Iterable[tuple[str, Any, Optional[str]]]:
     if not stripped:
         raise BicmError(f"detections file {path} is empty")
     try:
-        data = json.loads(stripped)
+        data = json_loads(stripped, path)
     except json.JSONDecodeError:
         data = None
     if data is None:  # JSON Lines
@@ -124,7 +124,7 @@ def _records(text: str, path: Path) -> Iterable[tuple[str, Any, Optional[str]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json_loads(line, path)
             except json.JSONDecodeError as exc:
                 raise BicmError(f"{path.name} line {number}: not valid JSON ({exc.msg})") from None
             yield f" line {number}", record, None
@@ -261,8 +261,7 @@ def read_proposals_file(
     from .formats import detect_format, read_bottom_up_tsv, read_reclip
 
     path = Path(path)
-    if not path.is_file():
-        raise BicmError(f"detections file not found: {path}")
+    regular_file(path, "detections file", missing=f"detections file not found: {path}")
     fmt = detect_format(path) if file_format == "auto" else file_format
     if fmt == "bicm":
         return read_detections(path, box_format)

@@ -36,6 +36,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..errors import BicmError, warn
+from ..safeload import json_loads
 from . import Proposals
 from .files import DetectionsFile
 
@@ -60,7 +61,7 @@ def detect_format(path: Path) -> str:
     if path.suffix.lower() == ".jsonl":
         return "bicm"
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json_loads(path.read_text(encoding="utf-8-sig"), path)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "bicm"  # JSON Lines with another extension; the reader reports real errors
     except OSError as exc:
@@ -79,7 +80,7 @@ def read_reclip(path: Union[str, Path]) -> DetectionsFile:
     """Read a ReCLIP detector file (boxes ``[x, y, w, h]``)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json_loads(path.read_text(encoding="utf-8-sig"), path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BicmError(f"cannot read ReCLIP detections {path}: {exc}") from None
     grouped: dict[str, dict[str, list]] = {}

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..backbone import Backbone
 from ..errors import BicmError
+from ..safeload import regular_file
 from . import Proposals
 
 __all__ = ["Vocabulary", "ClipNamer", "BUILTIN_VOCABULARIES"]
@@ -44,6 +45,8 @@ class Vocabulary:
             text = resources.files("bicm.proposals").joinpath("vocab", BUILTIN_VOCABULARIES[spec]).read_text("utf-8")
             return cls(spec, _parse(text))
         path = Path(spec)
+        if path.exists():
+            regular_file(path, "vocabulary")
         if not path.is_file():
             raise BicmError(f"unknown vocabulary {spec!r}: use {', '.join(BUILTIN_VOCABULARIES)} or a text file")
         try:

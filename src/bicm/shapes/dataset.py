@@ -35,6 +35,7 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from ..errors import BicmError
+from ..safeload import json_loads, regular_file
 from .world import KINDS, PROFILES, WORLD_VERSION, Expression, Scene, expressions, make_scene, render
 
 __all__ = [
@@ -229,8 +230,8 @@ def read_shapes(root: Union[str, Path, None], split: str, protocol: str = "ref")
         raise BicmError(f"unknown shapes split {split!r}; use test, val or train")
     folder = shapes_folder(root, protocol, split)
     samples = []
-    for line in (folder / f"{split}.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for line in regular_file(folder / f"{split}.jsonl", "shapes split file").read_text().splitlines():
+        r = json_loads(line, folder / f"{split}.jsonl")
         if r.get("world") != VERSION:
             raise BicmError(f"{folder / f'{split}.jsonl'} is not shapes world {VERSION}; use another folder")
         samples.append(GroundingSample.from_boxes(r["id"], Path(r["image"]).stem, r["image"], r["query"], r["boxes"], kind=r["kind"]))

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
 from ..errors import BicmError
+from ..safeload import json_loads, regular_file
 from ..interrupt import Interrupted, deferred, load_state, save_state as write_state, state_path
 from ..provenance import versions
 from ..proposals import Proposals
@@ -274,11 +275,10 @@ def load_detector(
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise BicmError(f"shapes detector weights not found: {path}; train one with 'bicm train-detector'")
+    regular_file(path, "shapes detector weights", missing=f"shapes detector weights not found: {path}; train one with 'bicm train-detector'")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get(_METADATA_KEY, "null"))
+            meta = json_loads((handle.metadata() or {}).get(_METADATA_KEY, "null"), path)
         tensors = load_file(str(path))
     except Exception as exc:
         raise BicmError(f"cannot read {path} as safetensors ({type(exc).__name__})") from None
@@ -300,8 +300,7 @@ def detector_weights() -> Path:
     from importlib import resources
 
     path = Path(str(resources.files("bicm.shapes").joinpath("model", DETECTOR_WEIGHTS)))
-    if not path.is_file():
-        raise BicmError(f"the shapes detector is not in this installation ({DETECTOR_WEIGHTS}); train one with 'bicm train-detector'")
+    regular_file(path, "shapes detector weights", missing=f"the shapes detector is not in this installation ({DETECTOR_WEIGHTS}); train one with 'bicm train-detector'")
     return path
 
 
@@ -323,7 +322,7 @@ def read_objects(folder: Path, limit: int) -> list[_Item]:
         raise BicmError(f"{path} has {len(lines)} train images, the config asks for {limit}; use --train-images {len(lines)} or another --root")
     items = []
     for line in lines[:limit]:
-        r = json.loads(line)
+        r = json_loads(line, path)
         unknown = sorted(set(r["class_names"]) - set(SHAPES))
         if unknown:
             raise BicmError(f"{path} names classes this world does not have ({', '.join(unknown)})")
@@ -485,7 +484,7 @@ def detector_metrics(model: nn.Module, protocol: str, images: int, folder: Optio
     if queries is not None and queries.is_file():
         hits = {"all": [0, 0], "single": [0, 0], "plural": [0, 0]}
         for line in queries.read_text().splitlines():
-            r = json.loads(line)
+            r = json_loads(line, queries)
             index = int(Path(r["image"]).stem)
             if index >= images:
                 continue
