@@ -30,6 +30,9 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "bicm.cli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True, env=env,
+        # as from a terminal: a runner started in the background (``cmd &`` without job control)
+        # passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
