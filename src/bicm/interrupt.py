@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 __all__ = [
     "INTERRUPTED", "Interrupted", "resumable", "deferred", "resume_command", "ignore_in_worker",
-    "state_path", "load_state", "save_state",
+    "state_path", "load_state", "save_state", "TrainingState",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -165,3 +165,76 @@ def save_state(path: Path, fmt: str, settings: dict[str, Any], state: dict[str, 
 
     with deferred(), atomic_path(path) as tmp:
         torch.save({"format": fmt, "settings": settings, **state}, str(tmp))
+
+
+class TrainingState:
+    """The resumable state of a bicm training loop (``train-clip``, ``train-detector``).
+
+    It holds what a resumed run needs to continue to the same weights as one uninterrupted run:
+    the model's and optimizer's state, the data order's numpy random state, torch's random
+    state, the history of finished steps and the seconds spent in earlier runs. ``resumed`` is
+    what :func:`load_state` returned (None: a fresh run); :meth:`restore` puts it back into the
+    model, optimizer and random generators, :meth:`save` writes the state after a step
+    atomically, and :meth:`stopped` turns Ctrl-C into the :class:`Interrupted` that says what
+    was kept.
+    """
+
+    def __init__(
+        self, path: Path, fmt: str, settings: dict[str, Any], resumed: Optional[dict[str, Any]], started: float
+    ) -> None:
+        self.path, self.fmt, self.settings, self.resumed, self.started = path, fmt, settings, resumed, started
+        self.history: list[dict[str, Any]] = []
+        self.first = 0
+        self.earlier_seconds = 0.0
+
+    def restore(self, model: Any, optim: Any, rng: Any) -> int:
+        """Load the resumed state (if any) into ``model``, ``optim``, the numpy generator ``rng``
+        and torch's random state; returns the first step to run (0 for a fresh run)."""
+        import torch
+
+        if self.resumed is not None:
+            model.load_state_dict(self.resumed["model"])
+            optim.load_state_dict(self.resumed["optimizer"])
+            rng.bit_generator.state = self.resumed["data_rng"]
+            torch.set_rng_state(self.resumed["torch_rng"])
+            self.history[:] = list(self.resumed["history"])
+            self.first, self.earlier_seconds = int(self.resumed["step"]), float(self.resumed["seconds"])
+        return self.first
+
+    def seconds(self) -> float:
+        """Seconds spent so far, earlier runs included."""
+        import time
+
+        return self.earlier_seconds + time.perf_counter() - self.started
+
+    def save(self, step: int, model: Any, optim: Any, data_rng: dict, torch_rng: Any = None) -> None:
+        """Write the state after ``step`` finished steps; ``data_rng`` and ``torch_rng`` (default:
+        torch's state now) are the random states the next step starts from."""
+        import torch
+
+        from .provenance import versions
+
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optim.state_dict(),
+            "data_rng": data_rng,
+            "torch_rng": torch.get_rng_state() if torch_rng is None else torch_rng,
+            "history": self.history,
+            "seconds": self.seconds(),
+            "versions": versions(),
+        }
+        save_state(self.path, self.fmt, self.settings, state)
+
+    def stopped(self, completed: int, total: int) -> Interrupted:
+        """The :class:`Interrupted` for a Ctrl-C after ``completed`` of ``total`` steps (the state
+        must already be saved when any step of this run finished)."""
+        if completed == self.first:
+            if self.resumed is None:
+                return Interrupted("no training step had finished; nothing to keep")
+            return Interrupted(f"training state at step {completed} is still in {self.path}")
+        return Interrupted(f"training state at step {completed} of {total} saved to {self.path}")
+
+    def kept(self) -> str:
+        """What is kept when a run stops before its loop starts."""
+        return f"training state at step {self.resumed['step']} in {self.path}" if self.resumed else "no training step had finished yet"

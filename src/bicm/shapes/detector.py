@@ -39,7 +39,7 @@ from torch import nn
 from ..atomic import atomic_path, atomic_write_text
 from ..errors import BicmError
 from ..safeload import json_loads, regular_file
-from ..interrupt import Interrupted, deferred, load_state, save_state as write_state, state_path
+from ..interrupt import Interrupted, TrainingState, deferred, load_state, state_path
 from ..provenance import versions
 from ..proposals import Proposals
 from ..proposals.sources import ProposalSource, register_source
@@ -571,11 +571,11 @@ def train_detector(
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     splits = ("train", "test") if eval_images > 0 else ("train",)
+    training = TrainingState(saved_state, _STATE_FORMAT, asdict(cfg), resumed, started)
     try:
         folders = {p: ensure_shapes(root, p, splits, progress=None if on_data is None else (lambda s, i, n, p=p: on_data(f"{p} {s}", i, n))) for p in PROTOCOLS}
     except KeyboardInterrupt:
-        kept = f"training state at step {resumed['step']} in {saved_state}" if resumed else "no training step had finished yet"
-        raise Interrupted(f"stopped while writing the shapes world; {kept}") from None
+        raise Interrupted(f"stopped while writing the shapes world; {training.kept()}") from None
     items = [item for p in PROTOCOLS for item in read_objects(folders[p], cfg.train_images)]
 
     torch.manual_seed(cfg.seed)
@@ -583,30 +583,10 @@ def train_detector(
     model.train()
     optim = _optimizer(model, cfg)
     batches = Batches(items, cfg, seed=cfg.seed + 1)
-    history: list[dict[str, float]] = []
-    first, earlier_seconds = 0, 0.0
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optim.load_state_dict(resumed["optimizer"])
-        batches.rng.bit_generator.state = resumed["data_rng"]
-        torch.set_rng_state(resumed["torch_rng"])
-        history = list(resumed["history"])
-        first, earlier_seconds = int(resumed["step"]), float(resumed["seconds"])
-        if on_resume is not None:
-            on_resume(first)
-
-    def save_state(step: int, data_rng: dict) -> None:
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optim.state_dict(),
-            "data_rng": data_rng,
-            "torch_rng": torch.get_rng_state(),
-            "history": history,
-            "seconds": earlier_seconds + time.perf_counter() - started,
-            "versions": versions(),
-        }
-        write_state(saved_state, _STATE_FORMAT, asdict(cfg), state)
+    history = training.history
+    first = training.restore(model, optim, batches.rng)
+    if resumed is not None and on_resume is not None:
+        on_resume(first)
 
     completed = first
     data_rng = batches.rng.bit_generator.state  # the data order's state before step `completed`
@@ -633,18 +613,15 @@ def train_detector(
             if on_step is not None:
                 on_step(step + 1, record)
             if save_every > 0 and completed % save_every == 0 and completed < cfg.steps:
-                save_state(completed, batches.rng.bit_generator.state)
+                training.save(completed, model, optim, batches.rng.bit_generator.state)
     except KeyboardInterrupt:
-        if completed == first:
-            if resumed is None:
-                raise Interrupted("no training step had finished; nothing to keep") from None
-            raise Interrupted(f"training state at step {completed} is still in {saved_state}") from None
-        if completed == step:  # interrupted inside step `completed`: its batch was drawn already
-            batches.rng.bit_generator.state = data_rng
-            torch.set_rng_state(torch_rng)
-        save_state(completed, batches.rng.bit_generator.state)
-        raise Interrupted(f"training state at step {completed} of {cfg.steps} saved to {saved_state}") from None
-    seconds = earlier_seconds + time.perf_counter() - started
+        if completed > first:
+            if completed == step:  # interrupted inside step `completed`: its batch was drawn already
+                training.save(completed, model, optim, data_rng, torch_rng)
+            else:
+                training.save(completed, model, optim, batches.rng.bit_generator.state)
+        raise training.stopped(completed, cfg.steps) from None
+    seconds = training.seconds()
     model.eval()
     with torch.no_grad():  # the card describes the shipped (float16) weights exactly
         for tensor in model.state_dict().values():

@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..atomic import atomic_write_text
 from ..backbone import PreprocessSpec, save_checkpoint
-from ..interrupt import Interrupted, deferred, ignore_in_worker, load_state, save_state as write_state, state_path
+from ..interrupt import Interrupted, TrainingState, deferred, ignore_in_worker, load_state, state_path
 from ..provenance import versions
 from .world import COLOURS, SHAPES, WORLD_VERSION, Referent, ShapeObject, make_scene, phrase_text, referents, render, single_object_image
 
@@ -353,11 +353,11 @@ def train_clip(
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
+    training = TrainingState(saved_state, _STATE_FORMAT, asdict(cfg), resumed, started)
     try:
         pool = make_pool(cfg, on_pool)
     except KeyboardInterrupt:
-        kept = f"training state at step {resumed['step']} in {saved_state}" if resumed else "no training step had finished yet"
-        raise Interrupted(f"stopped while generating the image pool; {kept}") from None
+        raise Interrupted(f"stopped while generating the image pool; {training.kept()}") from None
     pool_seconds = time.perf_counter() - started
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
     model = open_clip.CLIP(**{k: v for k, v in model_config(cfg).items()})
@@ -380,30 +380,10 @@ def train_clip(
     batches = Batches(pool, cfg, tokenizer, seed=cfg.seed + 1)
     eval_images, eval_tokens, eval_texts = held_out(cfg, tokenizer)
 
-    history: list[dict[str, float]] = []
-    first, earlier_seconds = 0, 0.0
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optim.load_state_dict(resumed["optimizer"])
-        batches.rng.bit_generator.state = resumed["data_rng"]
-        torch.set_rng_state(resumed["torch_rng"])
-        history = list(resumed["history"])
-        first, earlier_seconds = int(resumed["step"]), float(resumed["seconds"])
-        if on_resume is not None:
-            on_resume(first)
-
-    def save_state(step: int, data_rng: dict) -> None:
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optim.state_dict(),
-            "data_rng": data_rng,
-            "torch_rng": torch.get_rng_state(),
-            "history": history,
-            "seconds": earlier_seconds + time.perf_counter() - started,
-            "versions": versions(),
-        }
-        write_state(saved_state, _STATE_FORMAT, asdict(cfg), state)
+    history = training.history
+    first = training.restore(model, optim, batches.rng)
+    if training.resumed is not None and on_resume is not None:
+        on_resume(first)
 
     completed = first
     data_rng = batches.rng.bit_generator.state  # the data order's state before step `completed`
@@ -434,17 +414,14 @@ def train_clip(
             if on_step is not None:
                 on_step(step + 1, record)
             if save_every > 0 and completed % save_every == 0 and completed < cfg.steps:
-                save_state(completed, batches.rng.bit_generator.state)
+                training.save(completed, model, optim, batches.rng.bit_generator.state)
     except KeyboardInterrupt:
-        if completed == first:
-            if resumed is None:
-                raise Interrupted("no training step had finished; nothing to keep") from None
-            raise Interrupted(f"training state at step {completed} is still in {saved_state}") from None
-        # interrupted inside step `completed` (its batch already drawn) or just after it
-        save_state(completed, data_rng if completed == step else batches.rng.bit_generator.state)
-        raise Interrupted(f"training state at step {completed} of {cfg.steps} saved to {saved_state}") from None
+        if completed > first:
+            # interrupted inside step `completed` (its batch already drawn) or just after it
+            training.save(completed, model, optim, data_rng if completed == step else batches.rng.bit_generator.state)
+        raise training.stopped(completed, cfg.steps) from None
     model.eval()
-    seconds = earlier_seconds + time.perf_counter() - started
+    seconds = training.seconds()
     model = model.half().float()  # the card describes the shipped (float16) weights exactly
     metrics = clip_metrics(model, cfg, map_images)
     out = Path(out)
