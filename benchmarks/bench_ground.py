@@ -22,7 +22,7 @@ from PIL import Image
 
 from bicm import Grounder, Proposals
 from bicm.backbone import preprocess
-from bicm.com import encode_crops
+from bicm.crops import encode_crops
 from bicm.qam import compute_maps
 
 QUERIES = [

@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bicm import Grounder, Proposals
 from bicm.backbone import Backbone, dtype_name, resolve_precision
-from bicm.com import crop_pixels, encode_crops
+from bicm.crops import crop_pixels, encode_crops
 
 QUERIES = [
     "a man in a blue shirt", "the dog on the left", "two children", "a red car", "the tree",

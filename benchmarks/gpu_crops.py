@@ -19,7 +19,7 @@ from common import random_vit_b32
 
 from bicm.api import default_crop_batch
 from bicm.backbone import resolve_precision
-from bicm.com import encode_crops
+from bicm.crops import encode_crops
 
 
 def rate(backbone, pixels: torch.Tensor, batch: int, repeats: int) -> float:

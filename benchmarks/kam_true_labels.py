@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_iou
 
-from bicm.api import Grounder, config_dict
+from bicm.api import Grounder
+from bicm.config import Needs, config_dict
 from bicm.cache import FeatureCache
 from bicm.data import load_dataset
 from bicm.imageio import load_image
@@ -78,7 +79,7 @@ def main() -> None:
             if not group:
                 continue
             pil = load_image(root / image_file, exif_transpose=False)
-            features = grounder.extract(pil, [s.query for s in group], source, image_key=image_file, kam=True)
+            features = grounder.extract(pil, [s.query for s in group], source, image_key=image_file, needs=grounder.config.needs() | Needs(kam=True))
             results = grounder.score(features, cfg)
             records = []
             for i, (sample, result) in enumerate(zip(group, results)):

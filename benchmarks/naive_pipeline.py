@@ -24,7 +24,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from bicm.backbone import Backbone, preprocess
-from bicm.com import crop
+from bicm.crops import crop
 from bicm.qam import normalize, patch_maps, threshold_box, upsample
 
 Box = tuple[float, float, float, float]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bicm import Grounder, Proposals
+from bicm import Grounder, Needs, Proposals
 from bicm.evaluate import paper_selection
 from bicm.imageio import load_image
 from bicm.proposals.sources import make_source
@@ -80,7 +80,7 @@ def diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, A
             continue
         image = load_image(folder / args.split / f"{index:05d}.png")
         queries = [e.text for e in exprs]
-        features = grounder.extract(image, queries, source, kinds=("qa", "va"), visual=True, names=True)
+        features = grounder.extract(image, queries, source, needs=Needs(kinds=("qa", "va"), visual=True, names=True))
         boxes = features.proposals.boxes
         results = {name: grounder.score(features, cfg) for name, cfg in configs.items()}
         oracle = Proposals(torch.tensor([o.box for o in scene.objects]), class_names=[o.shape for o in scene.objects], source="oracle")

@@ -179,17 +179,6 @@ def test_console_script_runs_the_readme_command(tmp_path):
     assert (tmp_path / "out.png").stat().st_size > 10_000
 
 
-def test_cli_choices_mirror_the_library():
-    import typing
-
-    from bicm import cli, com, fusion, qam
-
-    assert typing.get_args(cli.SelectionOpt) == fusion.SELECTION_POLICIES
-    assert typing.get_args(cli.AttentionOpt) == typing.get_args(qam.MapKind)
-    assert typing.get_args(cli.RegionOpt) == typing.get_args(qam.RegionRule)
-    assert typing.get_args(cli.ComModeOpt) == typing.get_args(com.ComMode)
-
-
 def test_lambda_t_auto_reads_the_models_card(scene_files, tiny_checkpoint, tmp_path):
     import shutil
 

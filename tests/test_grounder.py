@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bicm import BiCMConfig, BicmError, BicmWarning, Grounder, Proposals
-from bicm.com import crop, crop_pixels, encode_crops
+from bicm.crops import crop, crop_pixels, encode_crops
 
 from .conftest import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
 

@@ -166,7 +166,7 @@ def test_grounder_names_unnamed_proposals_without_encoding_crops_twice(monkeypat
     import bicm.encoder as encoder
 
     backbone = make_backbone()
-    grounder = Grounder(backbone, namer=ClipNamer(backbone, "coco80"))
+    grounder = Grounder(backbone, name_with=ClipNamer(backbone, "coco80"))
     calls = []
     real = encoder.encode_crops
     monkeypatch.setattr(encoder, "encode_crops", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))

@@ -34,9 +34,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grounder():
-    g = Grounder.from_pretrained("shapes", device="cpu")
-    g.namer = ClipNamer(g.backbone, "shapes", encode_text=g.encoder.text)
-    return g
+    return Grounder.from_pretrained("shapes", device="cpu", name_with="shapes")
 
 
 def _run(grounder, data, out, **kwargs):

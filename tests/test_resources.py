@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from bicm import BiCMConfig, BicmError, Grounder, Proposals
-from bicm.api import DEFAULT_MAX_PROPOSALS, DEFAULT_WORK_PIXELS
+from bicm.config import DEFAULT_MAX_PROPOSALS, DEFAULT_WORK_PIXELS, Needs
 from bicm.imageio import DEFAULT_MAX_PIXELS, load_image
 from bicm.proposals.sources import ProposalSource, make_source
 
@@ -110,14 +110,14 @@ def test_ten_thousand_proposals_are_capped_to_the_highest_scoring(backbone):
     scores = torch.rand(10_000, generator=generator)
     grounder = Grounder(backbone, BiCMConfig(max_proposals=300))
     with pytest.warns(UserWarning, match="10000 proposals are more than max_proposals / --max-proposals = 300; kept the 300 highest"):
-        features = grounder.extract(draw_scene(), ["a thing"], Proposals(boxes, scores=scores), kinds=(), visual=False, names=False)
+        features = grounder.extract(draw_scene(), ["a thing"], Proposals(boxes, scores=scores), needs=Needs())
     kept = features.proposals
     assert len(kept) == 300
     assert sorted(kept.scores.tolist(), reverse=True) == torch.sort(scores, descending=True).values[:300].tolist()
     index = torch.nonzero(torch.isin(scores, kept.scores)).flatten()
     assert torch.equal(kept.boxes, boxes[index])  # original order kept
     with pytest.warns(UserWarning, match="kept the 300 first"):
-        features = grounder.extract(draw_scene(), ["a thing"], Proposals(boxes), kinds=(), visual=False, names=False)
+        features = grounder.extract(draw_scene(), ["a thing"], Proposals(boxes), needs=Needs())
     assert torch.equal(features.proposals.boxes, boxes[:300])
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bicm import BicmError, load_backbone
+from bicm import BicmError
+from bicm.backbone import load_backbone
 from bicm.backbone import shapes_weights
 from bicm.cli import app
 from bicm.data import load_dataset
@@ -205,7 +206,7 @@ def test_train_clip_is_deterministic_and_loads_like_any_checkpoint(tmp_path):
 def test_shipped_shapes_model():
     backbone = load_backbone("shapes", device="cpu")
     assert backbone.name == "shapes" and backbone.spec.resize_mode == "squash"
-    assert backbone.vit_problem() is None
+    assert backbone.qam_unsupported_reason() is None
     weights = shapes_weights()
     card = json.loads(weights.with_suffix(".json").read_text())
     # the budget is 90 min on 2 cores; the shipped run took 93.9 min wall because another job shared

@@ -113,7 +113,7 @@ def test_crop_batch_follows_the_device_unless_set(monkeypatch):
 
 def test_runs_differing_only_in_crop_batch_are_the_same_work():
     from bicm import BiCMConfig
-    from bicm.api import config_dict
+    from bicm.config import config_dict
     from bicm.evaluate import EvalRun
 
     def run(**config):

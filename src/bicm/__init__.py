@@ -2,12 +2,21 @@
 
 Public API::
 
-    from bicm import Grounder, BiCMConfig, Proposals
-    grounder = Grounder.from_pretrained("ViT-B-32", "openai")
-    result = grounder.ground("photo.jpg", "the bird on the left", proposals=boxes)
+    from bicm import Grounder
+    grounder = Grounder.from_pretrained("ViT-B-32", "openai", proposals="selective-search", name_with="vg1600")
+    result = grounder.ground("photo.jpg", "the bird on the left")
+    result.box                      # (x1, y1, x2, y2) in pixels of the image
 
-See ``bicm.api`` for the classes and the README for the command line. Names are imported
-lazily, so ``import bicm`` (and ``bicm --help``) does not pay for torch until it is used.
+* :class:`Grounder`: loads CLIP, holds the method's settings, grounds phrases;
+* :class:`BiCMConfig`: the method's settings (the paper's defaults), :class:`Needs` what they
+  compute per image;
+* :class:`GroundingResult` and :class:`Candidates`: what comes back;
+* :class:`Proposals`: boxes, scores and class names of one image; :func:`read_detections`
+  reads a detections file;
+* :class:`BicmError` (a user mistake, one line) and :class:`BicmWarning`.
+
+Names are imported lazily, so ``import bicm`` (and ``bicm --help``) does not pay for torch
+until it is used.
 """
 
 from __future__ import annotations
@@ -18,30 +27,26 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BiCMConfig": "api",
-    "Candidates": "api",
-    "COMPONENTS": "api",
     "Grounder": "api",
-    "GroundingResult": "api",
-    "Backbone": "backbone",
-    "load_backbone": "backbone",
-    "save_checkpoint": "backbone",
-    "BicmError": "errors",
-    "BicmWarning": "errors",
-    "load_image": "imageio",
+    "BiCMConfig": "config",
+    "Needs": "config",
+    "GroundingResult": "results",
+    "Candidates": "results",
     "Proposals": "proposals",
     "read_detections": "proposals.files",
+    "BicmError": "errors",
+    "BicmWarning": "errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = list(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; real imports are lazy)
-    from .api import COMPONENTS, BiCMConfig, Candidates, Grounder, GroundingResult  # noqa: F401
-    from .backbone import Backbone, load_backbone, save_checkpoint  # noqa: F401
+    from .api import Grounder  # noqa: F401
+    from .config import BiCMConfig, Needs  # noqa: F401
     from .errors import BicmError, BicmWarning  # noqa: F401
-    from .imageio import load_image  # noqa: F401
     from .proposals import Proposals  # noqa: F401
     from .proposals.files import read_detections  # noqa: F401
+    from .results import Candidates, GroundingResult  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

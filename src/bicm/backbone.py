@@ -319,7 +319,7 @@ class Backbone:
     def context_length(self) -> int:
         return int(getattr(self.model, "context_length", None) or getattr(self.tokenizer, "context_length", 77))
 
-    def vit_problem(self) -> Optional[str]:
+    def qam_unsupported_reason(self) -> Optional[str]:
         """Why QAM cannot run on this image tower, or ``None`` when it can."""
         from open_clip.transformer import VisionTransformer
 

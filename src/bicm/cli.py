@@ -14,13 +14,14 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Literal, Optional, TypeVar
+from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 
 from .errors import BicmError, BicmWarning
 from .interrupt import resumable
 from .jsonl import finite_json
+from .options import FileFormat, Group, MethodOptions, ModelOptions, RunOptions, SourceOptions, groups, resolve_lambda_t
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,30 +68,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Unpaired referring expression grounding with CLIP (BiCM): find the box a phrase describes.",
 )
-
-
-# Choices as Literal types (typer checks them). They mirror the Literal types of bicm.api,
-# bicm.qam and bicm.fusion, kept here so that `bicm --help` does not import torch.
-SelectionOpt = Literal["argmax", "union-above-mean", "largest-above-mean"]
-AttentionOpt = Literal["qa", "va"]
-ComModeOpt = Literal["both", "class", "visual"]
-TdScaleOpt = Literal["raw", "normalized"]
-RegionOpt = Literal["largest", "peak", "all"]
-AmpOpt = Literal["none", "bf16", "fp16"]
-PrecisionOpt = Literal["auto", "fp32", "bf16", "fp16"]
-BoxFormatOpt = Literal["xyxy", "xywh"]
-SsModeOpt = Literal["fast", "quality"]
-FileFormatOpt = Literal["auto", "bicm", "reclip", "tsv"]
-
-
-def _use_threads(threads: int) -> None:
-    """torch's intra-op threads for this process (0 leaves torch's default: one per core)."""
-    if threads < 0:
-        raise BicmError(f"--threads must be 0 (torch's default) or more, not {threads}")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EFBIG}
@@ -170,83 +147,6 @@ def _root(
     """Unpaired referring expression grounding with CLIP (BiCM)."""
 
 
-# Options shared by several commands (typer reads these defaults; reusing them is safe).
-MODEL_OPT = typer.Option(None, "--model", "-m", help="open_clip architecture [default: ViT-B-32].")
-PRETRAINED_OPT = typer.Option(None, help="open_clip pretrained tag [default: openai].")
-CHECKPOINT_OPT = typer.Option(None, "--checkpoint", "-c", help="Local CLIP weights (.pt, .bin, .safetensors, or a folder).")
-QUICK_GELU_OPT = typer.Option(
-    None, "--quick-gelu/--no-quick-gelu", help="Force the activation (OpenAI CLIP uses QuickGELU) [default: from the weights]."
-)
-DEVICE_OPT = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
-TOP_N_OPT = typer.Option(100, help="Proposals per image (selective search, detector).")
-SS_MODE_OPT = typer.Option("fast", "--ss-mode", help="Selective search preset: fast or quality.")
-SCORE_FLOOR_OPT = typer.Option(0.05, help="Detector: drop detections scoring below this.")
-DETECTOR_ARCH_OPT = typer.Option("fasterrcnn_resnet50_fpn_v2", help="Detector: torchvision Faster R-CNN architecture.")
-DETECTOR_CKPT_OPT = typer.Option(None, help="Detector: local torchvision weights file instead of the download.")
-FILE_FORMAT_OPT = typer.Option("auto", help="Detections file format: auto, bicm, reclip or tsv.")
-BOX_FORMAT_OPT = typer.Option(None, help="Box format of a bicm detections file that does not declare it.")
-TSV_OFFSET_OPT = typer.Option(0, help="TSV class id of the first vocabulary name (1 for Caffe models with background 0).")
-NAME_WITH_OPT = typer.Option(None, help="Name unnamed proposals by CLIP zero-shot over vg1600, coco80 or a text file.")
-NAME_TEMPLATE_OPT = typer.Option("a photo of a {}.", help="Prompt for each vocabulary name when naming.")
-PRECISION_OPT = typer.Option(
-    "auto", envvar="BICM_PRECISION",
-    help="Weights of the image encoder for crops and whole images: auto (bf16 where the GPU or CPU does bf16 natively, "
-    "else fp32), fp32, bf16, fp16 (CUDA). QAM's gradient path stays fp32.",
-)
-THREADS_OPT = typer.Option(
-    0, envvar="BICM_THREADS", help="CPU threads for torch's matrix work [default: 0, torch's choice: one per core]."
-)
-COMPILE_OPT = typer.Option(
-    False, "--compile", envvar="BICM_COMPILE",
-    help="Run the crop/image encoder through torch.compile: compiling takes tens of seconds on the first image. "
-    "For GPUs: on the CPUs measured, bf16 crops encoded 2.7-6x SLOWER compiled than eager (benchmarks/README.md).",
-)
-KAM_OPT = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam' (adds lambda_k * S_KAM, Eq. 11).")
-LAMBDA_T_OPT = typer.Option(
-    "1000",
-    "--lambda-t",
-    help="Weight of the top-down score S_TD: a number (the paper: 1000, for ViT-B/32's raw map), or auto: the value "
-    "calibrated for this model by the paper's rule (recorded in its card; make one with 'bicm pseudo-label --calibrate-lambda-t').",
-)
-
-
-def _lambda_t(value: str, model: Optional[str], checkpoint: Optional[Path]) -> float:
-    """``--lambda-t``: a number, or ``auto`` read from the model's card (``<weights>.json``)."""
-    if value.strip().lower() != "auto":
-        try:
-            number = float(value)
-        except ValueError:
-            raise BicmError(f"--lambda-t must be a number or auto, not {value!r}") from None
-        if not math.isfinite(number) or number < 0:
-            raise BicmError(f"--lambda-t must be a finite number >= 0, not {value!r}")
-        return number
-    from .backbone import recorded_lambda_t
-
-    found = recorded_lambda_t(model, checkpoint)
-    if found is not None:
-        return found
-    raise BicmError(
-        "--lambda-t auto: no calibrated lambda_t recorded for this model (a 'lambda_t' entry in the card beside its weights); "
-        "compute one with 'bicm pseudo-label --calibrate-lambda-t' on unlabelled images and pass the number"
-    )
-
-
-LAMBDA_K_OPT = typer.Option(1.0, help="Weight of the KAM score S_KAM.")
-MAX_PIXELS_OPT = typer.Option(
-    16_000_000, help="Downscale larger images to this many pixels before the work (boxes stay in original pixels); 0: never."
-)
-MAX_PROPOSALS_OPT = typer.Option(1000, help="Keep at most this many proposals per image (the highest-scoring, else the first); 0: all.")
-
-
-def _check_inputs(checkpoint: Optional[Path] = None, kam: Optional[Path] = None) -> None:
-    """Refuse a missing or non-regular --checkpoint/--kam before any work (a FIFO would block)."""
-    from .safeload import regular_file
-
-    if checkpoint is not None and not checkpoint.is_dir():
-        regular_file(checkpoint, "checkpoint")
-    if kam is not None:
-        regular_file(kam, "KAM model", missing=f"KAM model {kam} does not exist")
-
 
 #: What matplotlib can write (--save-vis, demo -o).
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".svgz", ".tif", ".tiff", ".webp", ".eps", ".ps")
@@ -291,131 +191,41 @@ def _check_output(path: Optional[Path], what: str, *, folder: bool = False, pict
         raise BicmError(f"{what} {path}: cannot write in {ancestor} (read-only or no permission)")
 
 
-def _source_options(
-    top_n: int,
-    ss_mode: str,
-    score_floor: float,
-    detector_arch: str,
-    detector_checkpoint: Optional[Path],
-    file_format: str,
-    box_format: Optional[str],
-    tsv_class_offset: int,
-    device: str,
-) -> dict[str, Any]:
-    return dict(
-        top_n=top_n,
-        mode=ss_mode,
-        score_floor=score_floor,
-        arch=detector_arch,
-        checkpoint=detector_checkpoint,
-        file_format=file_format,
-        box_format=box_format,
-        class_offset=tsv_class_offset,
-        device=device,
-    )
+
+def _sources_note(source: "SourceOptions", config: Any) -> None:
+    if source.is_oracle:
+        print("bicm: warning: ORACLE proposals (ground-truth boxes): for analysis, not a real result", file=sys.stderr)
+    elif source.proposals is None and config.uses_com:
+        print("bicm: note: no --proposals given: QAM's box is the only candidate", file=sys.stderr)
 
 
 @app.command()
 @user_errors
+@groups(model=ModelOptions, source=SourceOptions, method=MethodOptions)
 def ground(
     image: Path = typer.Argument(..., help="Image file (any format Pillow reads)."),
     queries: List[str] = typer.Argument(..., help="One or more phrases, e.g. 'the bird on the left'."),
-    proposals: Optional[str] = typer.Option(
-        None,
-        "--proposals",
-        "-p",
-        help="selective-search, faster-rcnn, a detections file (bicm JSON/JSONL, ReCLIP JSON, bottom-up TSV), "
-        "or oracle:FILE (ground truth, analysis only).",
-    ),
-    top_n: int = TOP_N_OPT,
-    ss_mode: SsModeOpt = SS_MODE_OPT,
-    score_floor: float = SCORE_FLOOR_OPT,
-    detector_arch: str = DETECTOR_ARCH_OPT,
-    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
-    file_format: FileFormatOpt = FILE_FORMAT_OPT,
-    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
-    tsv_class_offset: int = TSV_OFFSET_OPT,
-    name_with: Optional[str] = NAME_WITH_OPT,
-    name_template: str = NAME_TEMPLATE_OPT,
-    model: Optional[str] = MODEL_OPT,
-    pretrained: Optional[str] = PRETRAINED_OPT,
-    checkpoint: Optional[Path] = CHECKPOINT_OPT,
-    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
-    device: str = DEVICE_OPT,
-    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
-    precision: PrecisionOpt = PRECISION_OPT,
-    threads: int = THREADS_OPT,
-    components: str = typer.Option("qam,com,sf", help="Comma-separated components: qam, com, sf (kam is added by --kam)."),
-    kam: Optional[Path] = KAM_OPT,
-    lambda_k: float = LAMBDA_K_OPT,
-    attention: AttentionOpt = typer.Option("qa", help="qa: query-aware map (QAM); va: vanilla visual attention."),
-    com_mode: ComModeOpt = typer.Option("both", help="COM scores: both (S_PQ+S_CQ), class (S_CQ) or visual (S_PQ)."),
-    td_scale: TdScaleOpt = typer.Option("raw", help="Map scale for S_TD: raw (paper, with lambda_t=1000) or normalized."),
-    selection: SelectionOpt = typer.Option("argmax", help="How the output box is chosen from the candidates."),
-    thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
-    lambda_t: str = LAMBDA_T_OPT,
-    region_rule: RegionOpt = typer.Option("largest", help="Region of the thresholded map that makes QAM's box."),
-    class_prompt: str = typer.Option("{}", help="Template for class names, e.g. 'a photo of a {}.'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
     save_vis: Optional[Path] = typer.Option(None, "--save-vis", help="Write a picture: heatmap, candidates and chosen box."),
     max_image_pixels: int = typer.Option(
         0, help="Refuse larger images outright (decompression-bomb guard) [default: twice Pillow's limit, ~179M]."
     ),
-    max_pixels: int = MAX_PIXELS_OPT,
-    max_proposals: int = MAX_PROPOSALS_OPT,
+    *,
+    model: ModelOptions,
+    source: SourceOptions,
+    method: MethodOptions,
 ) -> None:
     """Ground phrases in an image: print the box each phrase describes."""
     _check_output(save_vis, "--save-vis", picture=True)
-    _use_threads(threads)
-    _check_inputs(checkpoint=checkpoint, kam=kam)
-    from .api import BiCMConfig, Grounder
+    model.prepare()
+    method.prepare()
     from .imageio import DEFAULT_MAX_PIXELS, load_image
-    from .proposals import Proposals
-    from .proposals.naming import ClipNamer
-    from .proposals.sources import make_source
 
-    comps = tuple(c.strip() for c in components.split(",") if c.strip())
-    if kam is not None and "kam" not in comps:
-        comps = comps + ("kam",)
-    config = BiCMConfig(
-        components=comps,
-        thr_a=thr_a,
-        lambda_t=_lambda_t(lambda_t, model, checkpoint),
-        lambda_k=lambda_k,
-        attention=attention,
-        region_rule=region_rule,
-        com_mode=com_mode,
-        td_scale=td_scale,
-        selection=selection,
-        class_prompt=class_prompt,
-        max_pixels=max_pixels or None,
-        max_proposals=max_proposals or None,
-    )
+    config = method.config(model)
     pil = load_image(image, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS)
-    props = Proposals.empty()
-    if proposals is not None:
-        options = _source_options(
-            top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
-        )
-        props = make_source(proposals, **options)(pil, str(image))
-        if props.is_oracle:
-            print("bicm: warning: ORACLE proposals (ground-truth boxes): for analysis, not a real result", file=sys.stderr)
-    elif {"com"} <= set(config.components):
-        print("bicm: note: no --proposals given: QAM's box is the only candidate", file=sys.stderr)
-    grounder = Grounder.from_pretrained(
-        model,
-        pretrained,
-        checkpoint=checkpoint,
-        device=device,
-        amp=amp,
-        quick_gelu=quick_gelu,
-        config=config,
-        kam=kam,
-        precision=precision,
-    )
-    if name_with is not None:
-        grounder.namer = ClipNamer(grounder.backbone, name_with, name_template, encode_text=grounder.encoder.text)
-    results = grounder.ground_many(pil, queries, props)
+    _sources_note(source, config)
+    grounder = model.grounder(config, source=source, kam=method.kam)
+    results = grounder.ground_many(pil, queries, image_key=str(image))
     if as_json:
         for result in results:
             record = {"image": str(image), **result.to_dict()}
@@ -435,64 +245,35 @@ def ground(
 @app.command("eval")
 @user_errors
 @resumable
+@groups(
+    model=ModelOptions,
+    source=SourceOptions,
+    method=Group(MethodOptions, exclude=("components", "attention", "com_mode"), defaults={"selection": "paper"}),
+    run=RunOptions,
+)
 def evaluate_command(
     dataset: str = typer.Option(..., help="flickr, referit, unc, unc+, gref, gref_umd (TransVG files), refcoco, refcoco+, refcocog, refclef (refer API), flickr30k_entities (raw), jsonl, shapes-ref, shapes-phrase (the offline shapes world)."),
     split: str = typer.Option(..., help="test, val, testA, testB, ..."),
     annotations: Optional[Path] = typer.Option(None, help="Annotation folder or file of the dataset (see bicm.data) [shapes: generated]."),
     images: Optional[Path] = typer.Option(None, help="Image folder; every image is checked before work starts [shapes: generated]."),
     out: Optional[Path] = typer.Option(None, help="Run folder (predictions.jsonl, summary.json, table.md) [default: runs/DATASET-SPLIT]."),
-    ablation: str = typer.Option("all", help="table4, table5, table6, all or none (the full method only)."),
+    ablation: str = typer.Option("all", help="table4, table5, table6, all or none (the full method only); --kam adds the +KAM rows."),
     summary_json: Optional[Path] = typer.Option(None, help="Also write the summary JSON here."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N queries."),
     part: Optional[str] = typer.Option(None, help="Shard K/N of the images (merge shards with 'bicm eval-merge')."),
-    cache: Optional[Path] = typer.Option(None, help="Feature cache file [default: ~/.cache/bicm/features.sqlite]."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything, store nothing."),
-    selection: str = typer.Option("paper", help="paper (union of above-mean boxes on Flickr30K, largest above-mean elsewhere), argmax, union-above-mean, largest-above-mean."),
-    proposals: Optional[str] = typer.Option(
-        None, "--proposals", "-p", help="selective-search, faster-rcnn, a detections file, or oracle (the dataset's boxes; analysis only)."
-    ),
-    top_n: int = TOP_N_OPT,
-    ss_mode: SsModeOpt = SS_MODE_OPT,
-    score_floor: float = SCORE_FLOOR_OPT,
-    detector_arch: str = DETECTOR_ARCH_OPT,
-    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
-    file_format: FileFormatOpt = FILE_FORMAT_OPT,
-    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
-    tsv_class_offset: int = TSV_OFFSET_OPT,
-    name_with: Optional[str] = NAME_WITH_OPT,
-    name_template: str = NAME_TEMPLATE_OPT,
-    model: Optional[str] = MODEL_OPT,
-    pretrained: Optional[str] = PRETRAINED_OPT,
-    checkpoint: Optional[Path] = CHECKPOINT_OPT,
-    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
-    device: str = DEVICE_OPT,
-    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
-    precision: PrecisionOpt = PRECISION_OPT,
-    threads: int = THREADS_OPT,
-    compile_: bool = COMPILE_OPT,
-    thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
-    lambda_t: str = LAMBDA_T_OPT,
-    kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': adds the QAM+COM+SF+KAM row."),
-    lambda_k: float = LAMBDA_K_OPT,
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    max_pixels: int = MAX_PIXELS_OPT,
-    max_proposals: int = MAX_PROPOSALS_OPT,
+    *,
+    model: ModelOptions,
+    source: SourceOptions,
+    method: MethodOptions,
+    run: RunOptions,
 ) -> None:
     """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
     _check_output(out, "--out", folder=True)
     _check_output(summary_json, "--summary-json")
-    import os
-
-    _use_threads(threads)
-    _check_inputs(checkpoint=checkpoint, kam=kam)
-
-    from .api import BiCMConfig, Grounder
-    from .backbone import load_backbone
-    from .cache import FeatureCache
+    model.prepare()
+    method.prepare()
     from .data import load_dataset
-    from .evaluate import ablation_rows, paper_selection, run_eval
-    from .proposals.naming import ClipNamer
-    from .proposals.sources import make_source
+    from .evaluate import ablation_rows, run_eval
 
     if dataset.startswith("shapes"):
         from .shapes.dataset import protocol_of, shapes_folder
@@ -502,39 +283,18 @@ def evaluate_command(
     if annotations is None or images is None:
         raise BicmError(f"dataset {dataset} needs --annotations and --images")
     samples = load_dataset(dataset, split, annotations, image_root=images)
-    policy = paper_selection(dataset) if selection == "paper" else selection
-    base = BiCMConfig(
-        thr_a=thr_a, lambda_t=_lambda_t(lambda_t, model, checkpoint), lambda_k=lambda_k, selection=policy,  # type: ignore[arg-type]
-        max_pixels=max_pixels or None, max_proposals=max_proposals or None,
-    )
-    rows = ablation_rows(ablation, base, kam=kam is not None)
-    feature_cache = None
-    if not no_cache:
-        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicm" / "features.sqlite"
-        feature_cache = FeatureCache(cache or default)
-    source: Any = None
-    if proposals == "oracle":
-        source = "oracle"
-        print("bicm: warning: ORACLE proposals (ground-truth boxes): for analysis, not a real result", file=sys.stderr)
-    elif proposals is not None:
-        options = _source_options(
-            top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
-        )
-        source = make_source(proposals, **options)
-    backbone = load_backbone(
-        model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision, compile=compile_
-    )
-    grounder = Grounder(backbone, base, cache=feature_cache, kam=kam)
-    if name_with is not None:
-        grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
+    rows = ablation_rows(ablation, method.config(model, dataset).replace(components=("qam", "com", "sf")), kam=method.kam is not None)
+    feature_cache = run.feature_cache()
+    _sources_note(source, rows[0][1])
+    oracle = source.proposals == "oracle"  # the dataset's own boxes, per image
+    grounder = model.grounder(rows[0][1], source=None if oracle else source, cache=feature_cache, kam=method.kam)
     if out is None:
         out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
-    run_dir = out
     summary = run_eval(
-        grounder, samples, images, run_dir, rows, dataset=dataset, split=split, source=source,
-        part=part, limit=limit, progress=not no_progress,
+        grounder, samples, images, out, rows, dataset=dataset, split=split, source="oracle" if oracle else grounder.proposals,
+        part=part, limit=limit, progress=not run.no_progress,
     )
-    _report(summary, run_dir, summary_json, feature_cache)
+    _report(summary, out, summary_json, feature_cache)
 
 
 @app.command("eval-merge")
@@ -679,6 +439,12 @@ def train_detector_command(
 @app.command("pseudo-label")
 @user_errors
 @resumable
+@groups(
+    model=ModelOptions,
+    source=Group(SourceOptions, defaults={"proposals": "selective-search"}),
+    method=Group(MethodOptions, exclude=("kam", "lambda_k")),
+    run=RunOptions,
+)
 def pseudo_label_command(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (matches, pairs, labels, KAM features, summary); rerun to resume."),
     dataset: Optional[str] = typer.Option(None, help="Take a dataset's split apart (images and queries unpaired): shapes-ref / shapes-phrase (their unpaired train split), or a 'bicm eval' dataset."),
@@ -690,49 +456,22 @@ def pseudo_label_command(
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     thr_k: float = typer.Option(0.9, help="Keep a pair as a pseudo label when its fused score S_r is above this (Thr_k)."),
     features_above: Optional[float] = typer.Option(None, help="Store KAM inputs for pairs scoring at least this, to train at lower Thr_k later [default: Thr_k]."),
-    components: str = typer.Option("qam,com,sf", help="Components that ground the pairs (the paper: qam,com,sf)."),
-    proposals: str = typer.Option("selective-search", "--proposals", "-p", help="selective-search, faster-rcnn or a detections file."),
-    top_n: int = TOP_N_OPT,
-    ss_mode: SsModeOpt = SS_MODE_OPT,
-    score_floor: float = SCORE_FLOOR_OPT,
-    detector_arch: str = DETECTOR_ARCH_OPT,
-    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
-    file_format: FileFormatOpt = FILE_FORMAT_OPT,
-    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
-    tsv_class_offset: int = TSV_OFFSET_OPT,
-    name_with: Optional[str] = NAME_WITH_OPT,
-    name_template: str = NAME_TEMPLATE_OPT,
-    model: Optional[str] = MODEL_OPT,
-    pretrained: Optional[str] = PRETRAINED_OPT,
-    checkpoint: Optional[Path] = CHECKPOINT_OPT,
-    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
-    device: str = DEVICE_OPT,
-    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
-    precision: PrecisionOpt = PRECISION_OPT,
-    threads: int = THREADS_OPT,
-    compile_: bool = COMPILE_OPT,
-    thr_a: float = typer.Option(0.7, help="Threshold on the normalised map for QAM's box."),
-    lambda_t: str = LAMBDA_T_OPT,
-    selection: SelectionOpt = typer.Option("argmax", help="How the labelled box is chosen from the candidates."),
-    cache: Optional[Path] = typer.Option(None, help="Feature cache file [default: ~/.cache/bicm/features.sqlite]."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything, store nothing in the shared cache."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     calibrate: bool = typer.Option(
         False, "--calibrate-lambda-t",
         help="Instead of labelling: compute lambda_t by the paper's rule (10^round(log10(median S_BU / median S_TD)) over the "
         "candidates of the same unlabelled pairs) and write OUT/lambda_t.json.",
     ),
+    *,
+    model: ModelOptions,
+    source: SourceOptions,
+    method: MethodOptions,
+    run: RunOptions,
 ) -> None:
     """KAM step 1: pair unpaired images with their most similar query, ground them, keep the sure boxes."""
     _check_output(out, "--out", folder=True)
-    from .api import BiCMConfig, Grounder
-    from .backbone import load_backbone
-    from .proposals.naming import ClipNamer
-    from .proposals.sources import make_source
+    model.prepare()
     from .pseudo import dataset_unpaired, read_image_list, read_query_list, run_pseudo_label, shapes_unpaired
 
-    _use_threads(threads)
-    _check_inputs(checkpoint=checkpoint)
     if limit is not None and limit < 1:
         raise BicmError("--limit must be at least 1")
     if dataset is not None and dataset.startswith("shapes"):
@@ -754,20 +493,11 @@ def pseudo_label_command(
         data = dataset_unpaired([], Path("."), "", False)
         data.images, data.queries = read_image_list(images)[:limit], read_query_list(queries)
         data.images_desc, data.queries_desc = str(images), str(queries)
-    comps = tuple(c.strip() for c in components.split(",") if c.strip())
-    config = BiCMConfig(components=comps, thr_a=thr_a, lambda_t=_lambda_t(lambda_t, model, checkpoint), selection=selection)
-    options = _source_options(top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device)
-    source = make_source(proposals, **options)
-    backbone = load_backbone(
-        model, pretrained, checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, precision=precision, compile=compile_
-    )
-    grounder = Grounder(backbone, config, cache=_feature_cache(cache, no_cache))
-    if name_with is not None:
-        grounder.namer = ClipNamer(backbone, name_with, name_template, encode_text=grounder.encoder.text)
+    grounder = model.grounder(method.config(model, dataset), source=source, cache=run.feature_cache())
     if calibrate:
         from .pseudo import calibrate_lambda
 
-        found = calibrate_lambda(grounder, data.images, data.queries, out, source=source, progress=not no_progress)
+        found = calibrate_lambda(grounder, data.images, data.queries, out, source=grounder.proposals, progress=not run.no_progress)
         typer.echo(json.dumps(found, indent=1))
         print(
             f"bicm: lambda_t = {found['lambda_t']:g} (median |S_BU| {found['median_abs_s_bu']:.3g}, median |S_TD| "
@@ -776,8 +506,8 @@ def pseudo_label_command(
         )
         return
     summary = run_pseudo_label(
-        grounder, data.images, data.queries, out, source=source, thr_k=thr_k, features_above=features_above,
-        truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not no_progress,
+        grounder, data.images, data.queries, out, source=grounder.proposals, thr_k=thr_k, features_above=features_above,
+        truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not run.no_progress,
     )
     if "table7" in summary:
         typer.echo((out / "table7.md").read_text())
@@ -791,6 +521,7 @@ def pseudo_label_command(
 @app.command("train-kam")
 @user_errors
 @resumable
+@groups(model=Group(ModelOptions, only=("threads",)))
 def train_kam_command(
     run: Path = typer.Argument(..., help="A 'bicm pseudo-label' run folder."),
     out: Path = typer.Option(Path("kam.safetensors"), "--out", "-o", help="Model file (safetensors); the loss curve PNG and history JSON go beside it."),
@@ -801,7 +532,8 @@ def train_kam_command(
     batch_pairs: int = typer.Option(32, help="Image-query pairs per step."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the shuffling."),
     no_names: bool = typer.Option(False, "--no-names", help="Train without the class-name input fc_r (zeros)."),
-    threads: int = THREADS_OPT,
+    *,
+    model: ModelOptions,
 ) -> None:
     """KAM step 2: train the MLP of Fig. 3 on stored pseudo labels (no CLIP needed).
 
@@ -815,7 +547,7 @@ def train_kam_command(
     from .kam import KamConfig, KamModel, save_curve, train_kam
     from .pseudo import read_kam_pairs
 
-    _use_threads(threads)
+    model.prepare()
     config = KamConfig(hidden=hidden, epochs=epochs, lr=lr, batch_pairs=batch_pairs, seed=seed)
     pairs, info = read_kam_pairs(run, thr_k)
     use_names = not no_names and all(p.fc is not None for p in pairs)
@@ -846,17 +578,6 @@ def train_kam_command(
     print(f"bicm: wrote {out} ({len(pairs)} labels, final loss {history[-1]['loss']:.3f}) and its curve {stem.name}.curve.png", file=sys.stderr)
 
 
-def _feature_cache(cache: Optional[Path], no_cache: bool) -> Any:
-    import os
-
-    from .cache import FeatureCache
-
-    if no_cache:
-        return None
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicm" / "features.sqlite"
-    return FeatureCache(cache or default)
-
-
 @app.command()
 @user_errors
 def demo(
@@ -876,15 +597,16 @@ def demo(
 
     from .api import Grounder
     from .imageio import load_image
-    from .proposals.sources import make_source
     from .shapes.examples import EXAMPLE_SELECTION, example_image, example_queries, example_truths
     from .viz import save_visualization
 
     path = example_image()
     queries = list(queries or example_queries())
     # the shipped shapes CLIP and detector, the phrase protocol's selection and the lambda_t calibrated for the model
-    grounder = Grounder.from_pretrained("shapes", device="cpu", selection=EXAMPLE_SELECTION, lambda_t=_lambda_t("auto", None, None))
-    results = grounder.ground_many(path, queries, make_source("shapes-detector"))
+    grounder = Grounder.from_pretrained(
+        "shapes", device="cpu", proposals="shapes-detector", selection=EXAMPLE_SELECTION, lambda_t=resolve_lambda_t("auto", "shapes", None)
+    )
+    results = grounder.ground_many(path, queries)
     known = example_truths()
     truths = [known.get(" ".join(q.split())) for q in queries]
     overlaps = [
@@ -918,47 +640,40 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 @proposals_app.command("extract")
 @user_errors
 @resumable
+@groups(
+    # fp32 by default: naming here was always exact (eval and ground default to auto)
+    model=Group(ModelOptions, defaults={"precision": "fp32"}),
+    source=Group(
+        SourceOptions,
+        defaults={"proposals": "selective-search"},
+        flags={"proposals": ("--source", "-s", "--proposals", "-p")},
+        helps={"proposals": "selective-search, faster-rcnn, shapes-detector or a detections file."},
+    ),
+)
 def proposals_extract(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     output: Path = typer.Option(..., "--output", "-o", help="bicm JSONL file to write (appended to: runs resume)."),
-    source: str = typer.Option("selective-search", "--source", "-s", help="selective-search, faster-rcnn or a detections file."),
-    top_n: int = TOP_N_OPT,
-    ss_mode: SsModeOpt = SS_MODE_OPT,
-    score_floor: float = SCORE_FLOOR_OPT,
-    detector_arch: str = DETECTOR_ARCH_OPT,
-    detector_checkpoint: Optional[Path] = DETECTOR_CKPT_OPT,
-    file_format: FileFormatOpt = FILE_FORMAT_OPT,
-    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
-    tsv_class_offset: int = TSV_OFFSET_OPT,
-    name_with: Optional[str] = NAME_WITH_OPT,
-    name_template: str = NAME_TEMPLATE_OPT,
-    model: Optional[str] = MODEL_OPT,
-    pretrained: Optional[str] = PRETRAINED_OPT,
-    checkpoint: Optional[Path] = CHECKPOINT_OPT,
-    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
-    device: str = DEVICE_OPT,
+    *,
+    model: ModelOptions,
+    source: SourceOptions,
 ) -> None:
     """Run a proposal source over images into a JSONL file (resumable, with progress)."""
     _check_output(output, "--output")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .errors import BicmError as _Err
     from .imageio import load_image
     from .proposals.files import DetectionsAppender
-    from .proposals.sources import make_source
     from .provenance import versions
 
     todo = _collect_images(images)
-    options = _source_options(
-        top_n, ss_mode, score_floor, detector_arch, detector_checkpoint, file_format, box_format, tsv_class_offset, device
-    )
-    maker = make_source(source, **options)
+    maker = source.source(model.device)
+    assert maker is not None
     namer = None
-    if name_with is not None:
-        from .backbone import load_backbone
+    if source.name_with is not None:
         from .proposals.naming import ClipNamer
 
-        namer = ClipNamer(load_backbone(model, pretrained, checkpoint, device=device, quick_gelu=quick_gelu), name_with, name_template)
+        model.prepare()
+        namer = ClipNamer(model.load(), source.name_with, source.name_template)
     failed: list[str] = []
     with DetectionsAppender(output) as out:
         pending = [(key, path) for key, path in todo if key not in out.done]
@@ -987,6 +702,7 @@ def proposals_extract(
     print(f"bicm: {len(todo) - len(failed)} of {len(todo)} images in {output}", file=sys.stderr)
 
 
+
 def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:
     from .errors import BicmError as _Err
 
@@ -1011,24 +727,24 @@ def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:
 
 @proposals_app.command("convert")
 @user_errors
+@groups(formats=Group(SourceOptions, only=("file_format", "box_format", "tsv_class_offset")))
 def proposals_convert(
     source: Path = typer.Argument(..., help="Detections file to read."),
     output: Path = typer.Argument(..., help="File to write."),
-    to: Optional[FileFormatOpt] = typer.Option(None, help="Output format: bicm (JSONL), reclip or tsv [default: by extension, .tsv -> tsv, else bicm]."),
-    file_format: FileFormatOpt = FILE_FORMAT_OPT,
-    box_format: Optional[BoxFormatOpt] = BOX_FORMAT_OPT,
-    tsv_class_offset: int = TSV_OFFSET_OPT,
+    to: Optional[FileFormat] = typer.Option(None, help="Output format: bicm (JSONL), reclip or tsv [default: by extension, .tsv -> tsv, else bicm]."),
     vocabulary: str = typer.Option("vg1600", help="Vocabulary of TSV class ids (vg1600, coco80 or a text file)."),
+    *,
+    formats: SourceOptions,
 ) -> None:
     """Convert between bicm JSONL, ReCLIP JSON and bottom-up-attention TSV."""
     _check_output(output, "output")
     from .proposals.files import read_proposals_file, write_detections
     from .proposals.formats import write_bottom_up_tsv, write_reclip
 
-    read = read_proposals_file(source, file_format, box_format, vocabulary=vocabulary, class_offset=tsv_class_offset)
+    read = read_proposals_file(source, formats.file_format, formats.box_format, vocabulary=vocabulary, class_offset=formats.tsv_class_offset)
     target = to or ("tsv" if output.suffix.lower() == ".tsv" else "bicm")
     if target == "tsv":
-        write_bottom_up_tsv(output, read.entries, vocabulary=vocabulary, class_offset=tsv_class_offset)
+        write_bottom_up_tsv(output, read.entries, vocabulary=vocabulary, class_offset=formats.tsv_class_offset)
     elif target == "reclip":
         write_reclip(output, read.entries)
     elif target == "bicm":
@@ -1064,59 +780,40 @@ def _print_table(image: Path, results: list) -> None:
 
 @app.command()
 @user_errors
+@groups(
+    model=Group(ModelOptions, helps={"model": "open_clip architecture, or shapes [default: shapes, the shipped offline CLIP]."}),
+    source=Group(
+        SourceOptions,
+        only=("top_n", "ss_mode", "name_with", "name_template"),
+        helps={"name_with": "Name proposals by CLIP over vg1600, coco80, shapes or a text file [default: shapes with the shapes model]."},
+    ),
+    method=Group(MethodOptions, only=("kam",), helps={"kam": "A KAM model from 'bicm train-kam': the page offers KAM (on by default)."}),
+)
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes the demo to the network)."),
     port: int = typer.Option(7860, help="Port to listen on."),
-    model: Optional[str] = typer.Option(
-        None, "--model", "-m", help="open_clip architecture or 'shapes' [default: shapes, the shipped offline CLIP]."
-    ),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag (e.g. openai), as in bicm ground."),
-    checkpoint: Optional[Path] = CHECKPOINT_OPT,
-    quick_gelu: Optional[bool] = QUICK_GELU_OPT,
-    device: str = DEVICE_OPT,
-    amp: AmpOpt = typer.Option("none", help="Autocast precision for the encoders (fp16 needs CUDA)."),
-    precision: PrecisionOpt = PRECISION_OPT,
-    threads: int = THREADS_OPT,
-    name_with: Optional[str] = typer.Option(
-        None, help="Name proposals by CLIP over vg1600, coco80 or a text file [default: shapes with the shapes model]."
-    ),
-    name_template: str = NAME_TEMPLATE_OPT,
-    kam: Optional[Path] = typer.Option(None, "--kam", help="A KAM model from 'bicm train-kam': the page offers KAM (on by default)."),
-    top_n: int = TOP_N_OPT,
-    ss_mode: SsModeOpt = SS_MODE_OPT,
     max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload (MB)."),
     max_image_pixels: int = typer.Option(25_000_000, help="Largest accepted image (width x height), checked before decoding."),
     timeout: float = typer.Option(120.0, help="Seconds before a request is answered with a timeout (queueing included)."),
     cache_images: int = typer.Option(8, help="Images whose proposals and crop features stay in memory."),
+    *,
+    model: ModelOptions,
+    source: SourceOptions,
+    method: MethodOptions,
 ) -> None:
     """Web demo: a local page to ground phrases in an uploaded image or a bundled example."""
     from .serve import ServeLimits, serve_command
 
-    _use_threads(threads)
-    _check_inputs(checkpoint=checkpoint, kam=kam)
+    model.prepare()
+    method.prepare()
     limits = ServeLimits(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=max_image_pixels,
         timeout_s=timeout,
         cache_images=cache_images,
     )
-    serve_command(
-        host,
-        port,
-        model=model,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        quick_gelu=quick_gelu,
-        device=device,
-        amp=amp,
-        precision=precision,
-        name_with=name_with,
-        name_template=name_template,
-        kam=kam,
-        top_n=top_n,
-        ss_mode=ss_mode,
-        limits=limits,
-    )
+    serve_command(host, port, model=model, source=source, kam=method.kam, limits=limits)
+
 
 
 def main() -> None:

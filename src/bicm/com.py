@@ -1,86 +1,111 @@
 """COM: cross-modal object matching (paper Sec. 3.3, Eqs. 6-8).
 
-* ``S_PQ[q, r] = cos(fp_r, f_q)`` (Eq. 6): CLIP embedding of the crop of proposal ``r``
-  against the query. Crops are taken once per image and encoded in batches.
-* ``S_CQ[q, r] = cos(fc_r, f_q)`` (Eq. 7): CLIP text embedding of the proposal's class name
-  (optionally through a prompt template such as ``"a photo of a {}."``).
-* ``S_BU = S_PQ + S_CQ`` (Eq. 8). Table 6's variants use one term alone
-  (``mode="class"`` or ``"visual"``).
+For Q queries with L2-normalised CLIP text embeddings ``f_q`` and N proposals:
+
+* :func:`s_pq` (Eq. 6): ``S_PQ[q, r] = cos(fp_r, f_q)``, with ``fp_r`` the CLIP embedding of
+  the crop of proposal ``r`` (:mod:`bicm.crops` cuts and encodes them).
+* :func:`s_cq` (Eq. 7): ``S_CQ[q, r] = cos(fc_r, f_q)``, with ``fc_r`` the text embedding of
+  the proposal's class name through a prompt (:class:`ClassNameEncoder`).
+* :func:`bottom_up` (Eq. 8): ``S_BU = S_PQ + S_CQ``. Table 6's variants use one term alone
+  (``com_mode="class"`` or ``"visual"``).
+
+QAM's box ``P_t`` is a candidate too. It has a crop (so ``S_PQ``: :func:`qam_s_pq`) but no
+class name: it borrows the name of the proposal whose name matches the query best
+(:func:`borrowed_names`), and with it that proposal's ``S_CQ``.
 """
 
 from __future__ import annotations
 
-import math
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import torch
-from PIL import Image
 
-from .backbone import Backbone, PreprocessSpec, preprocess_many
+from .backbone import Backbone
 from .errors import BicmError
 
-__all__ = ["ComMode", "crop", "crop_pixels", "encode_crops", "ClassNameEncoder", "bottom_up"]
-
-ComMode = Literal["both", "class", "visual"]
+__all__ = ["s_pq", "s_cq", "bottom_up", "borrowed_names", "qam_s_pq", "ClassNameEncoder"]
 
 
-def crop(image: Image.Image, box: Sequence[float]) -> Image.Image:
-    """The pixels of ``box`` (xyxy floats; outward-rounded to whole pixels, at least 1x1)."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    left = min(max(0, math.floor(x1)), image.width - 1)
-    top = min(max(0, math.floor(y1)), image.height - 1)
-    right = max(left + 1, min(image.width, math.ceil(x2)))
-    bottom = max(top + 1, min(image.height, math.ceil(y2)))
-    return image.crop((left, top, right, bottom))
-
-
-def crop_pixels(image: Image.Image, boxes: Sequence[Sequence[float]], spec: PreprocessSpec) -> torch.Tensor:
-    """The model inputs of box crops: ``(N, 3, H_in, W_in)`` float32, open_clip's eval
-    transform of each crop, normalised in one step."""
-    return preprocess_many([crop(image, box) for box in boxes], spec)
-
-
-def encode_crops(
-    backbone: Backbone,
-    image: Image.Image,
-    boxes: torch.Tensor,
-    spec: Optional[PreprocessSpec] = None,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """CLIP embeddings of box crops.
-
-    Crops are cut and resized in batches of ``batch_size``; the next batch is prepared on a
-    worker thread while the current one is encoded (Pillow and torch both release the GIL).
+def s_pq(text: torch.Tensor, crop_feats: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: cosine similarity of every query with every proposal crop.
 
     Parameters
     ----------
-    boxes: ``(N, 4)`` xyxy in pixels of ``image``.
-    spec: preprocessing of the crops (default: the backbone's).
+    text: ``(Q, E)`` L2-normalised query embeddings ``f_q``.
+    crop_feats: ``(N, E)`` L2-normalised crop embeddings ``fp_r``.
 
     Returns
     -------
-    ``(N, E)`` L2-normalised float32.
+    ``(Q, N)``.
     """
-    spec = spec or backbone.spec
-    if boxes.shape[0] == 0:
-        return torch.zeros(0, backbone.embed_dim, device=backbone.device)
-    chunks = [boxes[start : start + batch_size].tolist() for start in range(0, boxes.shape[0], batch_size)]
-    if len(chunks) == 1:
-        return backbone.encode_pixels(crop_pixels(image, chunks[0], spec), batch_size)
-    out = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicm-crops") as pool:
-        pending = pool.submit(crop_pixels, image, chunks[0], spec)
-        for following in chunks[1:] + [None]:
-            pixels = pending.result()
-            if following is not None:
-                pending = pool.submit(crop_pixels, image, following, spec)
-            out.append(backbone.encode_pixels(pixels, batch_size))
-    return torch.cat(out)
+    return text @ crop_feats.T
+
+
+def s_cq(text: torch.Tensor, name_feats: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: cosine similarity of every query with every proposal's class name.
+
+    Parameters
+    ----------
+    text: ``(Q, E)`` L2-normalised query embeddings ``f_q``.
+    name_feats: ``(N, E)`` L2-normalised class-name embeddings ``fc_r``.
+
+    Returns
+    -------
+    ``(Q, N)``.
+    """
+    return text @ name_feats.T
+
+
+def bottom_up(s_pq: Optional[torch.Tensor], s_cq: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Eq. 8: ``S_BU = S_PQ + S_CQ`` over whichever terms are present (same shapes, e.g.
+    ``(Q, K)`` or ``(K,)``); ``None`` when neither is."""
+    terms = [s for s in (s_pq, s_cq) if s is not None]
+    if not terms:
+        return None
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def borrowed_names(s_cq: torch.Tensor) -> torch.Tensor:
+    """The proposal whose class name ``P_t`` takes, per query: the highest ``S_CQ``.
+
+    Parameters
+    ----------
+    s_cq: ``(Q, N)`` from :func:`s_cq`, N >= 1.
+
+    Returns
+    -------
+    ``(Q,)`` int64 proposal indices; ``s_cq.gather(1, idx[:, None])`` is ``P_t``'s ``S_CQ``.
+    """
+    return s_cq.argmax(dim=1)
+
+
+def qam_s_pq(
+    text: torch.Tensor, boxes: Sequence[Optional[Hashable]], crop_feats: Mapping[Hashable, torch.Tensor]
+) -> torch.Tensor:
+    """Eq. 6 for QAM's box: ``S_PQ`` of each query with the crop of its own ``P_t``.
+
+    Parameters
+    ----------
+    text: ``(Q, E)`` query embeddings.
+    boxes: each query's ``P_t`` (a key of ``crop_feats``), or ``None`` where QAM found none.
+    crop_feats: ``(E,)`` crop embedding of every distinct ``P_t``.
+
+    Returns
+    -------
+    ``(Q,)``, NaN where a query has no ``P_t``.
+    """
+    out = torch.full((text.shape[0],), float("nan"), device=text.device)
+    for i, box in enumerate(boxes):
+        if box is not None:
+            out[i] = text[i] @ crop_feats[box]
+    return out
 
 
 class ClassNameEncoder:
-    """Text embeddings of class names through a prompt template, cached by name.
+    """Text embeddings ``fc_r`` of class names through a prompt template, cached by name.
 
     Parameters
     ----------
@@ -112,14 +137,3 @@ class ClassNameEncoder:
         if not names:
             return torch.zeros(0, self.backbone.embed_dim, device=self.backbone.device)
         return torch.stack([self._cache[n] for n in names])
-
-
-def bottom_up(s_pq: Optional[torch.Tensor], s_cq: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``S_BU = S_PQ + S_CQ`` (Eq. 8) over whichever terms are present; shapes ``(Q, K)``."""
-    terms = [s for s in (s_pq, s_cq) if s is not None]
-    if not terms:
-        return None
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total

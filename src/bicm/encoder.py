@@ -9,7 +9,7 @@ from PIL import Image
 
 from .backbone import Backbone, PreprocessSpec, preprocess
 from .cache import FeatureCache
-from .com import encode_crops
+from .crops import encode_crops
 from .imageio import image_digest
 from .proposals import Proposals
 from .proposals.sources import ProposalSource

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torchvision.ops import box_iou
 
-from .api import BiCMConfig, Grounder, ImageFeatures, config_dict, same_method
+from .api import Grounder, ScoringInputs
+from .config import BiCMConfig, Needs, config_dict, paper_selection, same_method
 from .atomic import atomic_write_text, folder_lock
 from .data import GroundingSample
 from .errors import BicmError, warn
@@ -103,19 +104,6 @@ PAIRED_STEPS: tuple[tuple[str, str], ...] = (
     ("object class name", "visual object + class name"),
     ("visual object", "visual object + class name"),
 )
-
-
-def paper_selection(dataset: str) -> str:
-    """The paper's selection protocol (Sec. 4.1): the union of the above-mean boxes on
-    Flickr30K (phrases may cover several boxes), the largest above-mean box on ReferItGame and
-    the RefCOCO family. The shapes world's two protocols follow the datasets they stand for
-    (``shapes-phrase``: Flickr30K, ``shapes-ref``: RefCOCO); ``jsonl`` takes the argmax, the
-    method as described."""
-    if dataset in ("flickr", "flickr30k_entities", "shapes-phrase"):
-        return "union-above-mean"
-    if dataset in ("referit", "refclef", "unc", "unc+", "gref", "gref_umd", "refcoco", "refcoco+", "refcocog", "shapes-ref"):
-        return "largest-above-mean"
-    return "argmax"
 
 
 def ablation_rows(ablation: str, base: BiCMConfig, kam: bool = False) -> list[tuple[str, BiCMConfig]]:
@@ -202,14 +190,6 @@ def select_part(samples: Sequence[GroundingSample], part: Optional[str], limit: 
     return chosen
 
 
-def _needs(rows: Sequence[tuple[str, BiCMConfig]]) -> dict[str, Any]:
-    kinds = sorted({c.attention for _, c in rows if "qam" in c.components})
-    visual = any("com" in c.components and c.com_mode in ("both", "visual") for _, c in rows)
-    names = any("com" in c.components and c.com_mode in ("both", "class") for _, c in rows)
-    kam = any("kam" in c.components for _, c in rows)
-    return dict(kinds=kinds, visual=visual, names=names, kam=kam)
-
-
 def _oracle(group: Sequence[GroundingSample]) -> Proposals:
     boxes = sorted({b for s in group for b in s.boxes})
     return Proposals(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), source=ORACLE_ID)
@@ -264,7 +244,7 @@ def run_eval(
     torch.manual_seed(EVAL_SEED)  # nothing in an eval draws random numbers; should a source do so, it is seeded
     with folder_lock(out_dir, "bicm eval"):
         _check_run_file(out_dir, run)
-        needs = _needs(rows)
+        needs = Needs.of((c for _, c in rows), grounder.kam is None or grounder.kam.use_names)
         groups = _group_by_image(chosen)
         predictions = out_dir / "predictions.jsonl"
         errors = 0
@@ -309,7 +289,7 @@ def _evaluate_image(
     image_file: str,
     group: Sequence[GroundingSample],
     rows: Sequence[tuple[str, BiCMConfig]],
-    needs: dict[str, Any],
+    needs: Needs,
     source: Union[ProposalSource, str, None],
 ) -> list[dict[str, Any]]:
     queries = [s.query for s in group]
@@ -319,7 +299,7 @@ def _evaluate_image(
         props: Any = _oracle(group) if source == "oracle" else source
         # the per-image work once, then the queries chunk by chunk (config.query_chunk): only
         # one chunk's attention maps exist at a time, however many queries the image has
-        for features in grounder.iter_extract(pil, queries, props, image_key=image_file, **needs):
+        for features in grounder.iter_extract(pil, queries, props, image_key=image_file, needs=needs):
             part = group[len(records) : len(records) + len(features.queries)]
             records.extend(_score_chunk(grounder, image_file, part, features, rows))
     except BicmError as exc:  # one bad image must not end a dataset run
@@ -334,7 +314,7 @@ def _score_chunk(
     grounder: Grounder,
     image_file: str,
     group: Sequence[GroundingSample],
-    features: ImageFeatures,
+    features: ScoringInputs,
     rows: Sequence[tuple[str, BiCMConfig]],
 ) -> list[dict[str, Any]]:
     """The prediction records of ``group``, the queries of ``features``, under every row."""

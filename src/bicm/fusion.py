@@ -5,7 +5,7 @@
   overlaps it (columns ``floor(x1) .. ceil(x2) - 1``).
 * ``S = S_BU + lambda_t * S_TD`` (Eq. 10); with KAM, ``+ lambda_k * S_KAM`` (Eq. 11).
 
-About ``lambda_t = 1000`` (GUIDE section 2): the paper sets it "to make the three scores have
+About ``lambda_t = 1000``: the paper sets it "to make the three scores have
 similar orders of magnitude". Cosine similarities are O(0.1-1); the RAW query-aware map is
 O(1e-3) (attention ~1/T times a small gradient), so 1000 only balances them on the raw
 scale. The raw map is therefore the default; the min-max normalised map is an option.
@@ -25,16 +25,17 @@ back to the argmax.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
+from torchvision.ops import box_area
+
 from .boxes import union_box
+from .config import SELECTION_POLICIES, SelectionPolicy
 
-__all__ = ["SelectionPolicy", "SELECTION_POLICIES", "integral_image", "box_means", "fuse", "calibrate_lambda_t", "select", "union_box"]
+__all__ = ["integral_image", "box_means", "fuse", "calibrate_lambda_t", "select", "union_box"]
 
-SelectionPolicy = Literal["argmax", "union-above-mean", "largest-above-mean"]
-SELECTION_POLICIES: tuple[str, ...] = ("argmax", "union-above-mean", "largest-above-mean")
 
 
 def integral_image(maps: torch.Tensor) -> torch.Tensor:
@@ -149,7 +150,7 @@ def select(
         return _box(boxes[best]), [best]
     if policy == "union-above-mean":
         return union_box(boxes[above]), sorted(above.tolist())
-    areas = (boxes[above, 2] - boxes[above, 0]) * (boxes[above, 3] - boxes[above, 1])
+    areas = box_area(boxes[above])
     chosen = int(above[int(areas.argmax())])
     return _box(boxes[chosen]), [chosen]
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torchvision.ops import box_iou
 
-from .api import BiCMConfig, Grounder, config_dict, same_method
+from .api import Grounder
+from .config import BiCMConfig, Needs, config_dict, same_method
 from .atomic import atomic_write_text
 from .cache import FeatureCache
 from .errors import BicmError, warn
@@ -312,7 +313,7 @@ def _ground_pair(
         return {**record, "box": None, "score": None, "error": match["error"]}
     try:
         pil = load_image(match["image"], exif_transpose=False)
-        features = grounder.extract(pil, [match["query"]], source, image_key=match["id"], kam=True)
+        features = grounder.extract(pil, [match["query"]], source, image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True))
     except BicmError as exc:
         return {**record, "box": None, "score": None, "error": str(exc)}
     result = grounder.score(features, cfg)[0]

@@ -10,7 +10,7 @@ For an image and Q queries:
 
 The vanilla visual-attention ("VA", Table 5) map is ``mean_h att[h, u]``.
 
-How it is made fast, exactly (GUIDE section 4):
+How it is made fast, exactly (measured in benchmarks/README.md):
 
 * Everything before the last block does not depend on the query: :func:`vision_prefix`
   runs it once per image.
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .backbone import Backbone, Geometry
+from .config import MapKind, RegionRule
 
 __all__ = [
     "AttentionMaps",
-    "RegionRule",
-    "MapKind",
     "vision_prefix",
     "cls_attention",
     "cls_tail",
@@ -55,10 +54,9 @@ __all__ = [
     "normalize",
     "threshold_box",
     "compute_maps",
+    "qam_boxes",
 ]
 
-MapKind = Literal["qa", "va"]
-RegionRule = Literal["largest", "peak", "all"]
 
 
 @dataclass
@@ -338,3 +336,13 @@ def compute_maps(
     if kind == "va":
         up = up.expand(text.shape[0], -1, -1)
     return AttentionMaps(raw=up, normalized=normalize(up, visible), s_iq=s_iq, visible=visible, kind=kind)
+
+
+def qam_boxes(maps: AttentionMaps, thr_a: float, rule: RegionRule = "largest") -> list[Optional[tuple[float, float, float, float]]]:
+    """QAM's box ``P_t`` for each of the Q maps (:func:`threshold_box` at ``thr_a``), in the
+    maps' pixels; ``None`` for a flat map. A ``"va"`` map is the same for every query, so it
+    is thresholded once."""
+    if maps.kind == "va":
+        box = threshold_box(maps.normalized[0], thr_a, rule)
+        return [box] * maps.normalized.shape[0]
+    return [threshold_box(m, thr_a, rule) for m in maps.normalized]

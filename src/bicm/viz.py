@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from .api import GroundingResult
+from .results import GroundingResult
 from .atomic import atomic_path
 
 __all__ = ["save_visualization", "render_visualization"]

@@ -118,7 +118,7 @@ class ClipNamer:
         caller already has them.
         """
         if crop_features is None:
-            from ..com import encode_crops
+            from ..crops import encode_crops
 
             crop_features = encode_crops(self.backbone, image, proposals.boxes.to(self.backbone.device))
         names, scores = self.classify(crop_features)
