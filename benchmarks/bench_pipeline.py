@@ -57,8 +57,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from bicm import Grounder, Proposals
-from bicm.backbone import Backbone, dtype_name, resolve_precision
+from bicm.backbone import Backbone
 from bicm.com import crop_pixels, encode_crops
+from bicm.devices import dtype_name, resolve_precision
 
 QUERIES = [
     "a man in a blue shirt", "the dog on the left", "two children", "a red car", "the tree",

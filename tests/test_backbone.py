@@ -13,7 +13,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from bicm import BicmError, BicmWarning, Grounder
-from bicm.backbone import PreprocessSpec, encode_tokens, load_backbone, preprocess, preprocess_many, save_checkpoint
+from bicm.backbone import encode_tokens, load_backbone
+from bicm.checkpoints import save_checkpoint
+from bicm.preprocess import PreprocessSpec, preprocess, preprocess_many
 
 from .conftest import TINY_RESNET_CFG, draw_scene, make_backbone, make_model
 
@@ -239,6 +241,7 @@ def test_bad_checkpoint_files(tmp_path, content, message):
 def test_checkpoint_of_another_architecture(tmp_path, tiny_checkpoint):
     with pytest.raises(BicmError, match="does not fit the architecture"):
         load_backbone("ViT-B-32", checkpoint=tiny_checkpoint, device="cpu")
+
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bicm import BicmError, load_backbone
-from bicm.backbone import shapes_weights
+from bicm.checkpoints import shapes_weights
 from bicm.cli import app
 from bicm.data import load_dataset
 from bicm.shapes import stats

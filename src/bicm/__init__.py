@@ -25,7 +25,7 @@ _EXPORTS = {
     "GroundingResult": "api",
     "Backbone": "backbone",
     "load_backbone": "backbone",
-    "save_checkpoint": "backbone",
+    "save_checkpoint": "checkpoints",
     "BicmError": "errors",
     "BicmWarning": "errors",
     "load_image": "imageio",
@@ -37,7 +37,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; real imports are lazy)
     from .api import COMPONENTS, BiCMConfig, Candidates, Grounder, GroundingResult  # noqa: F401
-    from .backbone import Backbone, load_backbone, save_checkpoint  # noqa: F401
+    from .backbone import Backbone, load_backbone  # noqa: F401
+    from .checkpoints import save_checkpoint  # noqa: F401
     from .errors import BicmError, BicmWarning  # noqa: F401
     from .imageio import load_image  # noqa: F401
     from .proposals import Proposals  # noqa: F401

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from .backbone import Backbone, load_backbone, preprocess
+from .backbone import Backbone, load_backbone
 from .cache import FeatureCache
 from .com import ClassNameEncoder, ComMode, bottom_up
 from .encoder import Encoder
@@ -27,6 +27,7 @@ from .errors import BicmError, warn
 from .fusion import SELECTION_POLICIES, SelectionPolicy, box_means, fuse, integral_image, select
 from .imageio import ImageSource, image_digest, load_image
 from .kam import KamModel
+from .preprocess import preprocess
 from .proposals import Proposals
 from .proposals.naming import ClipNamer
 from .proposals.sources import FileSource, OracleSource, ProposalSource

@@ -17,8 +17,9 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 from PIL import Image
 
-from .backbone import Backbone, PreprocessSpec, preprocess_many
+from .backbone import Backbone
 from .errors import BicmError
+from .preprocess import PreprocessSpec, preprocess_many
 
 __all__ = ["ComMode", "crop", "crop_pixels", "encode_crops", "ClassNameEncoder", "bottom_up"]
 

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .backbone import Backbone, Geometry
+from .backbone import Backbone
+from .preprocess import Geometry
 
 __all__ = [
     "AttentionMaps",
