@@ -21,6 +21,18 @@
 
 Also the shipped shapes CLIP (:data:`SHAPES_MODEL`, :func:`shapes_weights`) and the
 ``lambda_t`` its model card records (:func:`recorded_lambda_t`).
+
+What open_clip does and what bicm keeps
+---------------------------------------
+The layout conversions open_clip's ``load_checkpoint`` applies to a state dict in memory
+(third-party layouts such as MobileCLIP, and the old text-tower layout of ``CustomTextCLIP``)
+are open_clip's own functions here (:func:`_to_open_clip_layout`). Reading the file is not:
+``open_clip.factory.load_state_dict`` calls ``torch.load`` itself, without bicm's memory-bomb
+scan, retries WITHOUT ``weights_only`` when torch raises ``TypeError``, and cannot read
+TorchScript archives at all (torch refuses them under ``weights_only``; without it, it hands
+them to ``torch.jit.load``, which runs their code). So :func:`read_state_dict` reads files
+through :mod:`bicm.safeload` and does the small unwrapping (``state_dict`` nesting,
+``module.`` prefixes, OpenAI's extra entries) itself.
 """
 
 from __future__ import annotations
@@ -224,7 +236,15 @@ class CheckpointContents:
 
 
 def read_state_dict(path: Path) -> CheckpointContents:
-    """Read the tensors of a checkpoint file without executing any pickled code."""
+    """Read the tensors of a checkpoint file without executing any pickled code.
+
+    Kept instead of ``open_clip.factory.load_state_dict``, which reads the file with a plain
+    ``torch.load`` (no memory-bomb scan, a retry without ``weights_only`` on ``TypeError``,
+    no way to read an OpenAI TorchScript archive as data): see the module docs. The
+    unwrapping after the read (``{"state_dict": ...}``, ``module.`` prefixes, OpenAI's extra
+    entries) is the same as open_clip's, except that ``module.`` is stripped only when every
+    name has it (open_clip looks at the first name only).
+    """
     config = None
     is_torchscript_file = False
     optional: frozenset[str] = frozenset()
@@ -295,6 +315,8 @@ def _read_sidecar_config(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _find_weights_in_dir(folder: Path) -> Optional[Path]:
+    """The weights file of an open_clip model folder. Not ``open_clip.factory._find_checkpoint_in_dir``:
+    that is private to open_clip and never picks a ``.pt`` file, which bicm accepts."""
     preferred = [
         "open_clip_model.safetensors",
         "open_clip_pytorch_model.safetensors",
@@ -315,6 +337,11 @@ def infer_model_cfg(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, 
     Follows OpenAI's conventions (64-wide attention heads), which every OpenAI and the
     standard open_clip CLIP architectures share. Models with other head widths need a config
     (``model=`` or an embedded/sidecar ``open_clip_config``).
+
+    open_clip's ``build_model_from_openai_state_dict`` infers the same architecture but
+    returns only a model (half of its weights cast to fp16), not the config that
+    :class:`~bicm.backbone.Backbone` keeps and :func:`save_checkpoint` writes, and ignores
+    the MLP width; hence this function.
     """
     try:
         if "visual.proj" in state:  # ViT
@@ -350,9 +377,35 @@ def infer_model_cfg(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, 
     return {"embed_dim": int(embed_dim), "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
+def _to_open_clip_layout(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in the layout of ``model``, by open_clip's own conversions (the ones its
+    ``load_checkpoint`` applies after reading a file): third-party layouts (MobileCLIP) and the
+    old layout of a ``CustomTextCLIP``'s text tower (``positional_embedding`` -> ``text.``...).
+    A state dict already in ``model``'s layout comes back as it is.
+
+    Not used from ``load_checkpoint``: open_clip's resizing of positional embeddings. It would
+    interpolate the positions of a checkpoint made for another image size or context length
+    where bicm refuses the file as not fitting the architecture (and asserts when the widths
+    differ).
+    """
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    try:
+        state = convert_state_dict(model, state)
+        if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+            state = convert_to_custom_text_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - a conversion of a foreign layout failed: the file does not fit
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise BicmError(f"checkpoint {path.name} does not fit the architecture: {first}") from None
+    return dict(state)
+
+
 def _load_state_dict(
     model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, optional: frozenset[str] = frozenset()
 ) -> None:
+    """Load ``state`` into ``model`` (strictly), or say in one line why it does not fit."""
+    state = _to_open_clip_layout(model, state, path)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own or k not in optional}
     missing = [k for k in own if k not in state]
