@@ -205,7 +205,7 @@ def test_train_clip_is_deterministic_and_loads_like_any_checkpoint(tmp_path):
 def test_shipped_shapes_model():
     backbone = load_backbone("shapes", device="cpu")
     assert backbone.name == "shapes" and backbone.spec.resize_mode == "squash"
-    assert backbone.vit_problem() is None
+    assert backbone.qam_unsupported_reason() is None
     weights = shapes_weights()
     card = json.loads(weights.with_suffix(".json").read_text())
     # the budget is 90 min on 2 cores; the shipped run took 93.9 min wall because another job shared

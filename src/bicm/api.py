@@ -288,7 +288,7 @@ class Grounder:
             class_names = ClassNameEncoder(backbone, self.config.class_prompt, self.encoder.text)
         self.class_names = class_names
         if "qam" in self.config.components:
-            problem = backbone.vit_problem()
+            problem = backbone.qam_unsupported_reason()
             if problem:
                 raise BicmError(problem)
 
@@ -432,8 +432,8 @@ class Grounder:
         for kind in kinds:
             if kind not in ("qa", "va"):
                 raise BicmError(f"unknown attention map {kind!r}; use qa or va")
-        if kinds and self.backbone.vit_problem():
-            raise BicmError(self.backbone.vit_problem() or "")
+        if kinds and self.backbone.qam_unsupported_reason():
+            raise BicmError(self.backbone.qam_unsupported_reason() or "")
         queries = _check_queries(queries)
         chunk = chunk or cfg.query_chunk
         if chunk < 1:

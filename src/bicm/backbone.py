@@ -71,8 +71,8 @@ class Backbone:
     def context_length(self) -> int:
         return int(getattr(self.model, "context_length", None) or getattr(self.tokenizer, "context_length", 77))
 
-    def vit_problem(self) -> Optional[str]:
-        """Why QAM cannot run on this image tower, or ``None`` when it can."""
+    def qam_unsupported_reason(self) -> Optional[str]:
+        """Why QAM cannot run on this image tower (a one-line message), or ``None`` when it can."""
         from open_clip.transformer import VisionTransformer
 
         visual = self.model.visual
