@@ -47,9 +47,10 @@ class Backbone:
     #: is fp32; ``torch.bfloat16`` / ``torch.float16`` run a low-precision COPY of the image
     #: tower. QAM's gradient path and the text encoder always use the fp32 model.
     precision: Optional[torch.dtype] = None
-    #: Run the no-gradient image encoder through ``torch.compile`` (the first batch compiles:
-    #: tens of seconds on a CPU; worth it for long runs). Falls back to eager, with a warning,
-    #: where compiling fails (no C++ compiler, unsupported model).
+    #: Run the no-gradient image encoder through ``torch.compile`` (the first batch compiles,
+    #: which is slow; worth it for long runs, and not always faster: see benchmarks/README.md).
+    #: Falls back to eager, with a warning, where compiling fails (no C++ compiler,
+    #: unsupported model).
     compiled: bool = False
 
     def __post_init__(self) -> None:
@@ -91,7 +92,7 @@ class Backbone:
     def fingerprint(self) -> str:
         """Hash of the weights (and the autocast dtype): changes whenever the features would.
 
-        Computed once (about a second for ViT-B/32) and remembered.
+        Computed once (it reads every weight) and remembered.
         """
         cached = getattr(self, "_fingerprint", None)
         if cached is None:

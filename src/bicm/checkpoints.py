@@ -78,7 +78,8 @@ _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 def recorded_lambda_t(model: Optional[str] = None, checkpoint: Union[str, Path, None] = None) -> Optional[float]:
-    """The ``lambda_t`` calibrated for a model by the paper's rule, when its card records one.
+    """The ``lambda_t`` calibrated for a model (``10 ** round(log10(median |S_BU| / median
+    |S_TD|))`` over unlabelled candidates), when its card records one.
 
     The card is the JSON file beside the weights (``<weights stem>.json``, as ``bicm
     train-clip`` writes), with ``"lambda_t": {"value": ...}``; for ``model="shapes"`` (or no

@@ -65,8 +65,8 @@ def dtype_name(dtype: Optional[torch.dtype]) -> str:
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX-512 BF16).
 
-    Without them PyTorch emulates bf16 GEMMs, many times slower than fp32 (measured on an
-    AVX2-only EPYC: 1.3 GFLOP/s bf16 vs 170 GFLOP/s fp32), so ``"auto"`` keeps fp32 there.
+    Without them PyTorch emulates bf16 GEMMs, far slower than fp32 (see benchmarks/README.md,
+    ``bench_pipeline.py``), so ``"auto"`` keeps fp32 there.
     """
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):

@@ -24,10 +24,9 @@ class _PatchProjection(torch.nn.Module):
     """A ViT patch embedding (a convolution whose stride equals its kernel, no padding) as one
     matrix product over the image's patches.
 
-    Same function as the convolution: ``(N, C, H, W) -> (N, width, H // p, W // p)``. In a
-    profile of a bf16 ViT-B-32 batch on an AMX CPU, oneDNN ran that convolution at about 280
-    GFLOP/s while the tower's matmuls ran at about 580, so the matmul form is faster
-    (benchmarks/README.md).
+    Same function as the convolution: ``(N, C, H, W) -> (N, width, H // p, W // p)``. In the
+    CPU profile of benchmarks/README.md (``bench_tower.py``), oneDNN ran that convolution at a
+    lower rate than the tower's matmuls, so the matmul form is faster.
     """
 
     def __init__(self, conv: torch.nn.Conv2d) -> None:
@@ -116,10 +115,19 @@ def fast_image_tower(
 
     Any other tower (a ResNet, other activations) is only copied and cast. ``silu`` and
     ``patch_matmul`` switch the rewrites off (benchmarks/bench_tower.py compares them; the
-    fused activation needs ``silu``). On a 2-core AMX Xeon (bf16, ViT-B-32, batches of 64,
-    interleaved paired rounds) each step was faster than the one before it: x1.04-1.13 for the
-    SiLU fold, x1.03 for the patch matmul, x1.05-1.08 for the fused activation; embeddings
-    within cosine 0.9999 of fp32 (benchmarks/README.md, ``bench_tower.py``).
+    fused activation needs ``silu``). What each step gains, and how close the embeddings stay
+    to fp32: see benchmarks/README.md (``bench_tower.py``).
+
+    Parameters
+    ----------
+    visual: an open_clip image tower, ``(N, 3, H, W)`` pixels -> ``(N, E)`` features.
+    dtype: the copy's weight dtype (``torch.bfloat16``, ``torch.float16``; ``torch.float32``
+        keeps the rewrites in full precision).
+    fuse: allow the fused oneDNN linear+SiLU (:class:`_LinearSiLU`).
+
+    Returns
+    -------
+    The copy: same shapes in and out as ``visual``; it takes inputs in ``dtype``.
     """
     from open_clip.transformer import QuickGELU
 
