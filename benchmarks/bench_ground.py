@@ -21,8 +21,8 @@ from common import random_vit_b32, timed
 from PIL import Image
 
 from bicm import Grounder, Proposals
-from bicm.backbone import preprocess
 from bicm.crops import encode_crops
+from bicm.preprocess import preprocess
 from bicm.qam import compute_maps
 
 QUERIES = [

@@ -23,9 +23,8 @@ It measures, in order:
    (per query it redoes everything; its time per image is the same for every image, so the
    ratio uses time per image), and checks it chooses the same boxes as the pipeline.
 
-On a shared machine the GEMM rate drifts (on the AMX Xeon of benchmarks/README.md the bf16
-rate swings between about 300 and 2,000 GFLOP/s within seconds, as other tenants use the
-core's AMX unit), so the floor is computed from GEMM probes taken around each timed piece
+On a shared machine the GEMM rate drifts (as other tenants use the core's AMX unit; how far
+it swung on the Xeon is in benchmarks/README.md), so the floor is computed from GEMM probes taken around each timed piece
 (before every image and after the last; around the crop timing), not from one number
 measured minutes earlier. The FLOPs are split by the precision they run in: the crop/image
 tower in the precision of the setting, everything else (QAM's gradient path, text) in fp32:
@@ -57,8 +56,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from bicm import Grounder, Proposals
-from bicm.backbone import Backbone, dtype_name, resolve_precision
+from bicm.backbone import Backbone
 from bicm.crops import crop_pixels, encode_crops
+from bicm.devices import dtype_name, resolve_precision
 
 QUERIES = [
     "a man in a blue shirt", "the dog on the left", "two children", "a red car", "the tree",

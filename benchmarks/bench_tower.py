@@ -8,7 +8,7 @@ median over the rounds of its ratio to the first variant (and how many rounds it
     python benchmarks/bench_tower.py [--rounds 16] [--batch 64] [--device cpu]
 
 Variants (ViT-B-32 with random weights, QuickGELU): the fp32 tower; a plain bf16 copy; then
-`bicm.backbone.fast_image_tower`'s rewrites added one by one (SiLU fold, patch embedding as a
+`bicm.tower.fast_image_tower`'s rewrites added one by one (SiLU fold, patch embedding as a
 matmul, oneDNN's fused linear+SiLU); batch sizes of the full tower; the full tower with
 PyTorch's fused MHA inference path switched off (what torch.compile and autograd see).
 """
@@ -24,7 +24,7 @@ import torch
 from bench_pipeline import Probe, sync
 from common import random_vit_b32
 
-from bicm.backbone import fast_image_tower
+from bicm.tower import fast_image_tower
 
 
 class NoFastPath(torch.nn.Module):

@@ -11,7 +11,8 @@ from typing import Callable
 import open_clip
 import torch
 
-from bicm.backbone import Backbone, PreprocessSpec
+from bicm.backbone import Backbone
+from bicm.preprocess import PreprocessSpec
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:

@@ -18,8 +18,8 @@ from bench_pipeline import workload
 from common import random_vit_b32
 
 from bicm.api import default_crop_batch
-from bicm.backbone import resolve_precision
 from bicm.crops import encode_crops
+from bicm.devices import resolve_precision
 
 
 def rate(backbone, pixels: torch.Tensor, batch: int, repeats: int) -> float:

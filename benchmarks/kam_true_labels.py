@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--top-n", type=int, default=100)
     args = parser.parse_args()
 
-    from bicm.backbone import recorded_lambda_t
+    from bicm.checkpoints import recorded_lambda_t
 
     root = shapes_folder(None, protocol_of(args.dataset), args.split)
     samples = load_dataset(args.dataset, args.split, root, image_root=root)

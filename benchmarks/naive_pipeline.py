@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from bicm.backbone import Backbone, preprocess
+from bicm.backbone import Backbone
 from bicm.crops import crop
+from bicm.preprocess import preprocess
 from bicm.qam import normalize, patch_maps, threshold_box, upsample
 
 Box = tuple[float, float, float, float]

@@ -70,7 +70,7 @@ def finetune(cfg, args) -> dict:
     import open_clip
     from safetensors.torch import load_file
 
-    from bicm.backbone import save_checkpoint
+    from bicm.checkpoints import save_checkpoint
     from bicm.qam import cls_attention
     from bicm.shapes.train import Batches, clip_metrics, make_pool, model_config, preprocess_spec
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from bicm.backbone import Backbone, PreprocessSpec, save_checkpoint
+from bicm.backbone import Backbone
+from bicm.checkpoints import save_checkpoint
+from bicm.preprocess import PreprocessSpec
 
 # A tiny ViT CLIP: 64 px input, 16 px patches (4x4 grid), 4 heads of width 16.
 TINY_CFG = {

@@ -13,9 +13,11 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from bicm import BicmError, BicmWarning, Grounder
-from bicm.backbone import PreprocessSpec, encode_tokens, load_backbone, preprocess, preprocess_many, save_checkpoint
+from bicm.backbone import encode_tokens, load_backbone
+from bicm.checkpoints import save_checkpoint
+from bicm.preprocess import PreprocessSpec, preprocess, preprocess_many
 
-from .conftest import TINY_RESNET_CFG, draw_scene, make_backbone, make_model
+from .conftest import TINY_CFG, TINY_RESNET_CFG, draw_scene, make_backbone, make_model
 
 
 def noise_image(width, height, seed=0):
@@ -239,6 +241,28 @@ def test_bad_checkpoint_files(tmp_path, content, message):
 def test_checkpoint_of_another_architecture(tmp_path, tiny_checkpoint):
     with pytest.raises(BicmError, match="does not fit the architecture"):
         load_backbone("ViT-B-32", checkpoint=tiny_checkpoint, device="cpu")
+
+
+def test_custom_text_checkpoint_in_the_old_text_layout(tmp_path):
+    """A CustomTextCLIP whose text tower was saved in the old flat layout (``positional_embedding``
+    rather than ``text.positional_embedding``) loads, by open_clip's own conversion."""
+    from safetensors.torch import save_file
+
+    cfg = dict(TINY_CFG, custom_text=True)
+    torch.manual_seed(0)
+    reference = open_clip.CustomTextCLIP(**TINY_CFG).eval().requires_grad_(False)  # as a Backbone keeps it
+    flat = ("text_projection", "positional_embedding", "token_embedding", "transformer", "ln_final")
+    old = {(k[len("text.") :] if k.startswith("text.") and k[len("text.") :].startswith(flat) else k): v
+           for k, v in reference.state_dict().items()}
+    assert "positional_embedding" in old and "text.positional_embedding" not in old
+    path = tmp_path / "old-layout.safetensors"
+    save_file({k: v.contiguous() for k, v in old.items()}, str(path), metadata={"open_clip_config": json.dumps({"model_cfg": cfg})})
+    backbone = load_backbone(checkpoint=path, device="cpu")
+    assert isinstance(backbone.model, open_clip.CustomTextCLIP)
+    pixels, tokens = torch.randn(2, 3, 64, 64), backbone.tokenizer(["a red ball", "the blue square"])
+    with torch.no_grad():
+        assert torch.equal(backbone.model.encode_image(pixels), reference.encode_image(pixels))
+        assert torch.equal(backbone.model.encode_text(tokens), reference.encode_text(tokens))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -352,7 +352,7 @@ def test_library_rejects_queries_that_are_not_text(queries, grounder):
 @pytest.mark.parametrize("size", [(1, 5000), (5000, 1), (2, 40_000), (1, 1)], ids=["1x5000", "5000x1", "2x40000", "1x1"])
 def test_preprocess_of_extreme_aspect_ratios_is_fast_and_small(mode, size):
     """A 2x40000 image (or proposal crop) must not become a 224 x 4,480,000 intermediate."""
-    from bicm.backbone import PreprocessSpec, preprocess
+    from bicm.preprocess import PreprocessSpec, preprocess
 
     spec = PreprocessSpec(size=(224, 224), resize_mode=mode)
     with deadline(10):

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from bicm import backbone as backbone_module
-from bicm.backbone import Backbone, preprocess, resolve_precision
+from bicm import devices as devices_module
+from bicm.backbone import Backbone
 from bicm.cli import app
+from bicm.devices import resolve_precision
 from bicm.errors import BicmError
+from bicm.preprocess import preprocess
 from bicm.qam import compute_maps
 
 from .conftest import draw_scene, make_backbone
@@ -28,9 +30,9 @@ def test_resolve_precision(monkeypatch):
         resolve_precision("fp16", cpu)
     with pytest.raises(BicmError, match="unknown weights precision 'int4'"):
         resolve_precision("int4", cpu)
-    monkeypatch.setattr(backbone_module, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(devices_module, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
-    monkeypatch.setattr(backbone_module, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(devices_module, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", cpu) is None
 
 
@@ -88,7 +90,7 @@ def test_fast_tower_computes_the_same_function(quick_gelu):
     fp32 here, gives the original tower's output; the original is left as it was."""
     from open_clip.transformer import QuickGELU
 
-    from bicm.backbone import _PatchProjection, fast_image_tower
+    from bicm.tower import _PatchProjection, fast_image_tower
 
     from .conftest import TINY_CFG, make_model
 
@@ -109,7 +111,7 @@ def test_fast_tower_computes_the_same_function(quick_gelu):
 
 def test_patch_projection_equals_the_convolution_on_any_size():
     """Also where the image is not a whole number of patches (the convolution drops the rest)."""
-    from bicm.backbone import _PatchProjection
+    from bicm.tower import _PatchProjection
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, kernel_size=(4, 5), stride=(4, 5), bias=True)
@@ -125,8 +127,8 @@ def test_patch_projection_equals_the_convolution_on_any_size():
 def test_fused_activation_of_the_bf16_cpu_tower(monkeypatch):
     """Where this torch has oneDNN's fused linear+SiLU, the bf16 CPU tower uses it and agrees
     with the unfused bf16 tower and with fp32; where it does not, the tower falls back."""
-    from bicm import backbone as bb
-    from bicm.backbone import _LinearSiLU, fast_image_tower
+    from bicm import tower as bb
+    from bicm.tower import _LinearSiLU, fast_image_tower
 
     from .conftest import make_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bicm.backbone import Geometry, PreprocessSpec, geometry_for, preprocess
+from bicm.preprocess import Geometry, PreprocessSpec, geometry_for, preprocess
 from bicm.qam import (
     attention_and_gradients,
     cls_attention,

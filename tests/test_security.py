@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from bicm import BicmError
-from bicm.backbone import read_state_dict
+from bicm.checkpoints import read_state_dict
 from bicm.cli import app
 from bicm.data._pickle import load_pickle, load_torch_file
 from bicm.data.refer import read_refer  # noqa: F401  (the refer reader goes through load_pickle)
@@ -527,7 +527,7 @@ from pathlib import Path
 from typing import Optional
 import torch  # noqa: F401  (its import is part of the baseline)
 from bicm import BicmError
-from bicm.backbone import read_state_dict
+from bicm.checkpoints import read_state_dict
 from bicm.data._pickle import load_pickle, load_torch_file
 readers = {"load_pickle": load_pickle, "load_torch_file": load_torch_file, "read_state_dict": read_state_dict}
 vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024

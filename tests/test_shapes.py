@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from bicm import BicmError
 from bicm.backbone import load_backbone
-from bicm.backbone import shapes_weights
+from bicm.checkpoints import shapes_weights
 from bicm.cli import app
 from bicm.data import load_dataset
 from bicm.shapes import stats

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from bicm import BicmWarning
-from bicm.backbone import preprocess
 from bicm.cli import app
+from bicm.preprocess import preprocess
 from bicm.qam import compute_maps
 
 from .conftest import draw_scene, make_backbone
@@ -126,7 +126,7 @@ def test_runs_differing_only_in_crop_batch_are_the_same_work():
 def test_a_compiled_bf16_tower_leaves_fusing_to_the_compiler():
     """torch.compile cannot lower oneDNN's fused linear+SiLU ("weight must be a graph constant",
     seen with torch 2.14): the tower it compiles has plain layers; the eager one may fuse."""
-    from bicm.backbone import _LinearSiLU
+    from bicm.tower import _LinearSiLU
 
     compiled = dataclasses.replace(make_backbone(), precision=torch.bfloat16, compiled=True)
     tower = compiled.image_encoder()._orig_mod  # not compiled until first called

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from . import com
-from .backbone import Backbone, load_backbone, preprocess
+from .backbone import Backbone, load_backbone
 from .cache import FeatureCache
 from .config import COMPONENTS, DEFAULT_NAME_TEMPLATE, BiCMConfig, Needs
 from .encoder import Encoder
@@ -35,6 +35,7 @@ from .fusion import box_means, fuse, integral_image, select
 from .imageio import ImageSource, image_digest, load_image
 from .inputs import ProposalsLike, as_proposals, capped, check_queries, scaled, working_image
 from .kam import KamModel
+from .preprocess import preprocess
 from .proposals import Proposals
 from .proposals.naming import ClipNamer, Vocabulary
 from .proposals.sources import FileSource, OracleSource, ProposalSource, make_source

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from .backbone import Backbone, PreprocessSpec, preprocess_many
+from .backbone import Backbone
+from .preprocess import PreprocessSpec, preprocess_many
 
 __all__ = ["crop", "crop_pixels", "encode_crops"]
 

@@ -7,10 +7,11 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from .backbone import Backbone, PreprocessSpec, preprocess
+from .backbone import Backbone
 from .cache import FeatureCache
 from .crops import encode_crops
 from .imageio import image_digest
+from .preprocess import PreprocessSpec, preprocess
 from .proposals import Proposals
 from .proposals.sources import ProposalSource
 

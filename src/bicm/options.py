@@ -351,7 +351,7 @@ def resolve_lambda_t(value: str, model: Optional[str], checkpoint: Optional[Path
         if not math.isfinite(number) or number < 0:
             raise BicmError(f"--lambda-t must be a finite number >= 0, not {value!r}")
         return number
-    from .backbone import recorded_lambda_t
+    from .checkpoints import recorded_lambda_t
 
     found = recorded_lambda_t(model, checkpoint)
     if found is not None:

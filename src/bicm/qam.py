@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .backbone import Backbone, Geometry
+from .backbone import Backbone
 from .config import MapKind, RegionRule
+from .preprocess import Geometry
 
 __all__ = [
     "AttentionMaps",

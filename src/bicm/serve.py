@@ -703,7 +703,7 @@ def start_service(
     shapes world's vocabulary, exactly as ``bicm demo`` does, so COM can use class names.
     """
     from .api import Grounder
-    from .backbone import SHAPES_MODEL
+    from .checkpoints import SHAPES_MODEL
     from .proposals.naming import ClipNamer
 
     require_web()
@@ -720,7 +720,7 @@ def start_service(
 
         name_with = name_with or "shapes"
         detector = make_source("shapes-detector", top_n=top_n)  # the shapes world's own detector, as bicm demo
-        from .backbone import recorded_lambda_t
+        from .checkpoints import recorded_lambda_t
 
         # the phrase protocol's selection and the model's calibrated lambda_t, as bicm demo
         lambda_t = recorded_lambda_t(SHAPES_MODEL)

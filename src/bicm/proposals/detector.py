@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from PIL import Image
 
-from ..backbone import resolve_device
+from ..devices import resolve_device
 from ..errors import BicmError
 from ..safeload import check_torch_file, regular_file
 from . import Proposals

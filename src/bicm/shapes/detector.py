@@ -765,7 +765,7 @@ class ShapesDetectorSource(ProposalSource):
         nms_iou: float = 0.5,
         device: str = "auto",
     ) -> None:
-        from ..backbone import resolve_device
+        from ..devices import resolve_device
 
         super().__init__()
         path = Path(checkpoint) if checkpoint is not None else detector_weights()

@@ -25,7 +25,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..backbone import Backbone, preprocess
+from ..backbone import Backbone
+from ..preprocess import preprocess
 from ..qam import cls_attention, compute_maps, patch_maps, threshold_box, vision_prefix
 from .world import iou, render
 

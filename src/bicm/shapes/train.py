@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..atomic import atomic_write_text
-from ..backbone import PreprocessSpec, save_checkpoint
+from ..checkpoints import save_checkpoint
 from ..interrupt import Interrupted, TrainingState, deferred, ignore_in_worker, load_state, state_path
+from ..preprocess import PreprocessSpec
 from ..provenance import versions
 from .world import COLOURS, SHAPES, WORLD_VERSION, Referent, ShapeObject, make_scene, phrase_text, referents, render, single_object_image
 
@@ -105,7 +106,7 @@ class Sample:
 
 
 def _to_input(image: Image.Image, size: int) -> np.ndarray:
-    """``(3, size, size)`` uint8: the same bicubic squash as bicm.backbone.preprocess."""
+    """``(3, size, size)`` uint8: the same bicubic squash as bicm.preprocess.preprocess."""
     resized = image.resize((size, size), Image.BICUBIC)
     return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1).copy()
 
