@@ -26,7 +26,9 @@ from starlette.testclient import TestClient  # noqa: E402
 
 import bicm.encoder  # noqa: E402
 from bicm.api import Grounder  # noqa: E402
-from bicm.serve import DemoService, Example, MemoryFeatureCache, ServeLimits, _json_safe, create_app  # noqa: E402
+from bicm.jsonl import finite  # noqa: E402
+from bicm.serve import create_app  # noqa: E402
+from bicm.service import DemoService, Example, MemoryFeatureCache, ServeLimits  # noqa: E402
 from bicm.shapes.examples import example_image, example_queries  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -205,8 +207,8 @@ def test_memory_cache_keeps_the_last_images():
     assert MemoryFeatureCache.image_of("image|m|224x224,shortest|eee") == "eee"
 
 
-def test_json_safe_turns_nan_into_null():
-    assert _json_safe({"a": [float("nan"), 1.5, float("inf")], "b": (2, "x")}) == {"a": [None, 1.5, None], "b": [2, "x"]}
+def test_finite_turns_nan_into_null():
+    assert finite({"a": [float("nan"), 1.5, float("inf")], "b": (2, "x")}) == {"a": [None, 1.5, None], "b": [2, "x"]}
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -1090,7 +1090,8 @@ def serve(
     cache_images: int = typer.Option(8, help="Images whose proposals and crop features stay in memory."),
 ) -> None:
     """Web demo: a local page to ground phrases in an uploaded image or a bundled example."""
-    from .serve import ServeLimits, serve_command
+    from .serve import serve_command
+    from .service import ServeLimits
 
     _use_threads(threads)
     _check_inputs(checkpoint=checkpoint, kam=kam)
