@@ -18,7 +18,6 @@ in that image.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -35,6 +34,7 @@ from .evaluate import wilson_interval
 from .imageio import load_image
 from .jsonl import JsonlAppender, read_jsonl
 from .proposals.sources import ProposalSource
+from .runs import ProgressBar, check_run_file, print_note
 
 __all__ = [
     "PseudoRun",
@@ -164,7 +164,7 @@ def run_pseudo_label(
         thr_k=thr_k,
         features_above=features_above,
     )
-    _check_run_file(out_dir, run)
+    check_run_file(out_dir, run, kind="pseudo-label")
     matches = _match(grounder, images, queries, out_dir, progress)
 
     store = FeatureCache(out_dir / "kam_features.sqlite")
@@ -173,12 +173,14 @@ def run_pseudo_label(
         with JsonlAppender(pairs_path, key_field="id") as out:
             todo = [m for m in matches if m["id"] not in out.done]
             if len(todo) < len(matches):
-                _note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
-            with _Bar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
+                print_note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
+            labels = 0
+            with ProgressBar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
                 for count, match in enumerate(todo, start=1):
                     record = _ground_pair(grounder, cfg, match, source, store, features_above)
                     out.append([record])
-                    bar.advance(record.get("score"), thr_k)
+                    labels += record.get("score") is not None and record["score"] > thr_k
+                    bar.advance(1, f"{labels} labels")
                     if on_pair is not None:
                         on_pair(count)
     finally:
@@ -217,7 +219,7 @@ def _match(grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list
             return found
     spec = grounder.backbone.spec
     feats, keep, errors = [], [], {}
-    with _Bar(progress, "embed images", len(images), 0) as bar:
+    with ProgressBar(progress, "embed images", len(images)) as bar:
         for key, file in images:
             try:
                 pil = load_image(file, exif_transpose=False)
@@ -225,10 +227,10 @@ def _match(grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list
                 keep.append(key)
             except BicmError as exc:  # one bad image must not end the run
                 errors[key] = str(exc)
-            bar.advance(None, None)
+            bar.advance()
     if not keep:
         raise BicmError("none of the images could be read")
-    with _Bar(progress, "match queries", len(queries), 0) as bar:
+    with ProgressBar(progress, "match queries", len(queries)) as bar:
         done = [0]
 
         def tick(n: int) -> None:
@@ -275,9 +277,9 @@ def calibrate_lambda(
     cfg = grounder.config.replace(components=("qam", "com", "sf"), td_scale="raw", selection="argmax")
     matches = _match(grounder, images, queries, out_dir, progress)
     bu, td = [], []
-    with _Bar(progress, "calibrate", len(matches), 0) as bar:
+    with ProgressBar(progress, "calibrate", len(matches)) as bar:
         for match in matches:
-            bar.advance(None, None)
+            bar.advance()
             if match.get("error"):
                 continue
             pil = load_image(match["image"], exif_transpose=False)
@@ -414,59 +416,6 @@ def table7_markdown(rows: Sequence[dict[str, Any]], model: str) -> str:
         p = "" if row["precision"] is None else f"{100 * row['precision']:.1f}"
         lines.append(f"| {name} | {row['labels']} | {row['correct']} | {p} | {100 * row['ci_low']:.1f}-{100 * row['ci_high']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _check_run_file(out_dir: Path, run: PseudoRun) -> None:
-    path = out_dir / "run.json"
-    if path.is_file():
-        try:
-            previous = PseudoRun(**json_loads(path.read_text(), path))
-        except (json.JSONDecodeError, TypeError):
-            raise BicmError(f"{path} is not a bicm pseudo-label run file; use another --out") from None
-        if not previous.same_work(run):
-            raise BicmError(f"{out_dir} holds a pseudo-label run with other settings; use another --out (or delete it)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(asdict(run), indent=1) + "\n")
-
-
-def _note(message: str) -> None:
-    import sys
-
-    print(f"bicm: {message}", file=sys.stderr)
-
-
-class _Bar:
-    """A rich progress bar (items, ETA, labels so far), or nothing."""
-
-    def __init__(self, enabled: bool, title: str, total: int, done: int) -> None:
-        self.enabled, self.title, self.total, self.done = enabled, title, total, done
-        self.labels = 0
-        self._bar: Any = None
-
-    def __enter__(self) -> "_Bar":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn(self.title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-            self._bar.__enter__()
-            self._task = self._bar.add_task(self.title, total=self.total, completed=self.done, info="")
-        self._start = time.perf_counter()
-        return self
-
-    def advance(self, score: Optional[float], thr_k: Optional[float]) -> None:
-        if score is not None and thr_k is not None and score > thr_k:
-            self.labels += 1
-        if self._bar is not None:
-            info = f"{self.labels} labels" if thr_k is not None else ""
-            self._bar.update(self._task, advance=1, info=info)
-
-    def advance_to(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 def iter_image_files(folder: Path) -> Iterator[Path]:
