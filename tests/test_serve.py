@@ -28,7 +28,8 @@ import bicm.encoder  # noqa: E402
 from bicm.api import Grounder  # noqa: E402
 from bicm.jsonl import finite  # noqa: E402
 from bicm.serve import create_app  # noqa: E402
-from bicm.service import DemoService, Example, MemoryFeatureCache, ServeLimits  # noqa: E402
+from bicm.cache import CacheKey, MemoryFeatureCache  # noqa: E402
+from bicm.service import DemoService, Example, ServeLimits  # noqa: E402
 from bicm.shapes.examples import example_image, example_queries  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -195,16 +196,17 @@ def test_kam_is_offered_only_with_a_kam_model(tiny_backbone, client):
 def test_memory_cache_keeps_the_last_images():
     cache = MemoryFeatureCache(images=2, texts=2)
     entry = ({"f": torch.zeros(2)}, {})
+    crop = "m 224x224,shortest"
     for digest in ("aaa", "bbb", "ccc"):
-        cache.put_many({f"props|selective-search|{digest}": entry, f"crop|m|224x224,shortest|{digest}|1.00,2.00,3.00,4.00": entry})
+        cache.put_many({CacheKey("props", "selective-search", digest): entry, CacheKey("crop", crop, digest, "1.00,2.00,3.00,4.00"): entry})
     assert not cache.has_image("aaa") and cache.has_image("bbb") and cache.has_image("ccc")
-    assert cache.get_many(["crop|m|224x224,shortest|bbb|1.00,2.00,3.00,4.00"])  # touches bbb
-    cache.put_many({"props|selective-search|ddd": entry})
+    assert cache.get_many([CacheKey("crop", crop, "bbb", "1.00,2.00,3.00,4.00")])  # touches bbb
+    cache.put_many({CacheKey("props", "selective-search", "ddd"): entry})
     assert cache.has_image("bbb") and not cache.has_image("ccc")
-    cache.put_many({f"text|m|{t}": entry for t in ("a", "b", "c")})
-    assert set(cache.get_many(["text|m|a", "text|m|b", "text|m|c"])) == {"text|m|b", "text|m|c"}
-    assert MemoryFeatureCache.image_of("text|m|a|b") is None
-    assert MemoryFeatureCache.image_of("image|m|224x224,shortest|eee") == "eee"
+    cache.put_many({CacheKey("text", "m", None, t): entry for t in ("a", "b", "c")})
+    assert set(cache.get_many([CacheKey("text", "m", None, t) for t in ("a", "b", "c")])) == {CacheKey("text", "m", None, "b"), CacheKey("text", "m", None, "c")}
+    assert CacheKey("text", "m", None, "a|b").image is None
+    assert CacheKey("image", crop, "eee").image == "eee"
 
 
 def test_finite_turns_nan_into_null():

@@ -27,7 +27,7 @@ from torchvision.ops import box_iou
 
 from .api import BiCMConfig, Grounder, config_dict, same_method
 from .atomic import atomic_write_text
-from .cache import FeatureCache
+from .cache import CacheKey, FeatureCache
 from .errors import BicmError, warn
 from .safeload import json_loads, regular_file
 from .evaluate import wilson_interval
@@ -43,6 +43,7 @@ __all__ = [
     "run_pseudo_label",
     "calibrate_lambda",
     "read_kam_pairs",
+    "pair_key",
     "precision_table",
     "table7_markdown",
     "normalize_query",
@@ -167,7 +168,7 @@ def run_pseudo_label(
     check_run_file(out_dir, run, kind="pseudo-label")
     matches = _match(grounder, images, queries, out_dir, progress)
 
-    store = FeatureCache(out_dir / "kam_features.sqlite")
+    store = _kam_store(out_dir / "kam_features.sqlite")
     pairs_path = out_dir / "pairs.jsonl"
     try:
         with JsonlAppender(pairs_path, key_field="id") as out:
@@ -337,9 +338,23 @@ def _ground_pair(
         tensors = {"fi": features.image_feat.cpu(), "fq": features.text[0].cpu(), "fp": fp.half().cpu(), "boxes": c.boxes}
         if fc is not None:
             tensors["fc"] = fc.half().cpu()
-        store.put_many({f"pair|{match['id']}": (tensors, {"target": result.selected, "score": float(result.score)})})
+        store.put_many({pair_key(match["id"]): (tensors, {"target": result.selected, "score": float(result.score)})})
         record["features"] = True
     return record
+
+
+def pair_key(pair_id: str) -> CacheKey:
+    """The key of a pair's MLP inputs in ``kam_features.sqlite``."""
+    return CacheKey("pair", "", None, str(pair_id))
+
+
+def _kam_store(path: Path) -> FeatureCache:
+    """A run's ``kam_features.sqlite``; one written by an older bicm is refused (its features
+    cannot be recomputed without running CLIP again), not emptied."""
+    try:
+        return FeatureCache(path, rebuild_old=False)
+    except BicmError as exc:
+        raise BicmError(f"{exc}; run 'bicm pseudo-label' again with another --out") from None
 
 
 def _label(record: dict[str, Any]) -> dict[str, Any]:
@@ -366,14 +381,14 @@ def read_kam_pairs(run_dir: Union[str, Path], thr_k: Optional[float] = None) -> 
             f"with --features-above {thr_k} or lower"
         )
     wanted = [r for r in read_jsonl(pairs_file) if r.get("score") is not None and r["score"] > thr_k]
-    store = FeatureCache(store_file)
+    store = _kam_store(store_file)
     try:
-        found = store.get_many([f"pair|{r['id']}" for r in wanted])
+        found = store.get_many([pair_key(r["id"]) for r in wanted])
     finally:
         store.close()
     pairs, missing = [], 0
     for r in wanted:
-        entry = found.get(f"pair|{r['id']}")
+        entry = found.get(pair_key(r["id"]))
         if entry is None:
             missing += 1
             continue

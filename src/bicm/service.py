@@ -5,7 +5,7 @@ without the web packages (starlette, uvicorn, python-multipart); :mod:`bicm.serv
 the web app. What a public demo needs, and how the service does it:
 
 * the per-image work is shared: the phrases of one request go through one
-  :meth:`~bicm.api.Grounder.ground_many`, and :class:`MemoryFeatureCache` keeps the
+  :meth:`~bicm.api.Grounder.ground_many`, and a :class:`~bicm.cache.MemoryFeatureCache` keeps the
   proposals and crop embeddings of the last few images (by :func:`bicm.imageio.image_digest`),
   so a follow-up request on the same image only pays for its new phrases;
 * limits (:class:`ServeLimits`): upload bytes, image pixels (checked from the header, before
@@ -23,11 +23,10 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from .errors import BicmError, BicmWarning
 from .jsonl import finite
@@ -36,13 +35,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
     from .api import Grounder, GroundingResult
-    from .cache import Entry
     from .proposals.sources import ProposalSource
 
 __all__ = [
     "ServeLimits",
     "Example",
-    "MemoryFeatureCache",
     "DemoService",
     "DemoError",
     "bundled_examples",
@@ -130,93 +127,6 @@ def bundled_examples() -> dict[str, Example]:
 
 
 # ----------------------------------------------------------------------------------------
-class MemoryFeatureCache:
-    """An in-memory stand-in for :class:`~bicm.cache.FeatureCache`: the last few images.
-
-    The :class:`~bicm.encoder.Encoder` looks up proposals (``props|<source>|<image>``),
-    crop embeddings (``crop|...|<image>|<box>``) and whole-image embeddings
-    (``image|...|<image>``, for KAM) by key; this cache groups those entries by
-    their image digest and keeps the ``images`` most recently used images (LRU), so memory
-    stays bounded however many images a server sees. Text embeddings are kept apart, for the
-    last ``texts`` phrases.
-
-    Parameters
-    ----------
-    images: how many images to keep.
-    texts: how many text embeddings to keep.
-    """
-
-    def __init__(self, images: int = 8, texts: int = 4096) -> None:
-        from .cache import CacheStats
-
-        self.max_images = int(images)
-        self.max_texts = int(texts)
-        self.stats = CacheStats()
-        self._images: "OrderedDict[str, dict[str, Entry]]" = OrderedDict()
-        self._texts: "OrderedDict[str, Entry]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def image_of(key: str) -> Optional[str]:
-        """The image digest a key belongs to, or ``None`` for keys of no image (text)."""
-        parts = key.split("|")
-        if parts[0] in ("props", "image") and len(parts) >= 3:
-            return parts[-1]
-        if parts[0] == "crop" and len(parts) >= 5:
-            return parts[-2]
-        return None
-
-    def has_image(self, digest: str) -> bool:
-        """Whether anything of the image ``digest`` is cached."""
-        with self._lock:
-            return digest in self._images
-
-    def get_many(self, keys: Iterable[str]) -> "dict[str, Entry]":
-        found: "dict[str, Entry]" = {}
-        with self._lock:
-            for key in keys:
-                digest = self.image_of(key)
-                if digest is None:
-                    hit = self._texts.get(key)
-                    if hit is not None:
-                        self._texts.move_to_end(key)
-                else:
-                    group = self._images.get(digest)
-                    hit = None if group is None else group.get(key)
-                    if group is not None:
-                        self._images.move_to_end(digest)
-                if hit is None:
-                    self.stats.misses += 1
-                else:
-                    self.stats.hits += 1
-                    found[key] = hit
-        return found
-
-    def put_many(self, items: "Mapping[str, Entry]") -> None:
-        with self._lock:
-            for key, entry in items.items():
-                digest = self.image_of(key)
-                if digest is None:
-                    self._texts[key] = entry
-                    self._texts.move_to_end(key)
-                else:
-                    self._images.setdefault(digest, {})[key] = entry
-                    self._images.move_to_end(digest)
-                self.stats.writes += 1
-            while len(self._images) > self.max_images:
-                self._images.popitem(last=False)
-            while len(self._texts) > self.max_texts:
-                self._texts.popitem(last=False)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._texts) + sum(len(g) for g in self._images.values())
-
-    def close(self) -> None:
-        """Nothing to release (the same interface as the disk cache)."""
-
-
-# ----------------------------------------------------------------------------------------
 @dataclass
 class _Timing:
     start: float = field(default_factory=time.perf_counter)
@@ -235,7 +145,7 @@ class DemoService:
     ----------
     grounder: a :class:`~bicm.api.Grounder` (its namer, if any, names the proposals; its KAM
         model, if any, makes ``"kam"`` a component the page offers). The service gives it a
-        :class:`MemoryFeatureCache`.
+        :class:`~bicm.cache.MemoryFeatureCache`.
     model_name: shown on the page.
     limits: :class:`ServeLimits`.
     top_n, ss_mode: selective-search options (as ``bicm ground``).
@@ -256,6 +166,7 @@ class DemoService:
         detector: Optional["ProposalSource"] = None,
     ) -> None:
         from .api import Grounder
+        from .cache import MemoryFeatureCache
         from .proposals.selective import SelectiveSearch
 
         self.limits = limits or ServeLimits()
