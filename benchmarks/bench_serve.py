@@ -20,6 +20,7 @@ import time
 import numpy as np
 from starlette.testclient import TestClient
 
+from bicm.options import ModelOptions
 from bicm.serve import create_app, start_service
 from bicm.shapes.world import make_scene, render
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     start = time.perf_counter()
-    service = start_service(device="cpu")
+    service = start_service(ModelOptions(device="cpu", precision="fp32"))
     print(f"start-up (load the shapes CLIP, hash its weights): {time.perf_counter() - start:.2f} s")
     with TestClient(create_app(service)) as client:
         post(client, scene_png(999), "the red square")  # warm-up

@@ -32,7 +32,7 @@ from bicm.data import load_dataset
 from bicm.imageio import load_image
 from bicm.jsonl import JsonlAppender
 from bicm.proposals.sources import make_source
-from bicm.pseudo import PseudoRun
+from bicm.pseudo import PseudoRun, pair_key
 from bicm.shapes.dataset import protocol_of, shapes_folder
 
 
@@ -95,7 +95,7 @@ def main() -> None:
                 tensors = {"fi": features.image_feat, "fq": features.text[i], "fp": fp.half(), "boxes": boxes}
                 if fc is not None:
                     tensors["fc"] = fc.half()
-                store.put_many({f"pair|{sample.sample_id}": (tensors, {"target": [best], "score": 1.0})})
+                store.put_many({pair_key(sample.sample_id): (tensors, {"target": [best], "score": 1.0})})
                 records.append({**record, "score": 1.0, "iou": float(ious[best]), "selected": [best], "features": True})
                 kept += 1
             out.append(records)

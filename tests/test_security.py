@@ -890,12 +890,15 @@ def test_a_broken_cache_warns_once_and_the_work_goes_on(tmp_path, fault):
     import warnings
 
     from bicm import BicmWarning
-    from bicm.cache import FeatureCache
+    from bicm.cache import CacheKey, FeatureCache
+
+    def K(name):
+        return CacheKey("test", "m", None, name)
 
     path = tmp_path / "features.sqlite"
     if fault == "garbage-pages":
         good = FeatureCache(path)
-        good.put_many({f"k{i}": _entry() for i in range(200)})
+        good.put_many({K(f"k{i}"): _entry() for i in range(200)})
         good.close()
         data = bytearray(path.read_bytes())
         data[100:] = bytes(np.random.default_rng(0).integers(0, 256, len(data) - 100, dtype=np.uint8))
@@ -912,9 +915,9 @@ def test_a_broken_cache_warns_once_and_the_work_goes_on(tmp_path, fault):
         cache = FeatureCache(path)
         if fault == "disk-full":
             cache._connect().execute("PRAGMA max_page_count = 3")  # SQLite's own "disk is full"
-        cache.put_many({"a": _entry()})
-        cache.put_many({f"b{i}": ({"x": torch.zeros(10_000)}, {}) for i in range(5)})
-        assert cache.get_many(["a", "b0"]) == {} or fault == "disk-full"
+        cache.put_many({K("a"): _entry()})
+        cache.put_many({K(f"b{i}"): ({"x": torch.zeros(10_000)}, {}) for i in range(5)})
+        assert cache.get_many([K("a"), K("b0")]) == {} or fault == "disk-full"
         len(cache)
     notes = [str(w.message) for w in caught if issubclass(w.category, BicmWarning)]
     assert len(notes) == 1, notes
@@ -926,13 +929,14 @@ def test_a_broken_cache_warns_once_and_the_work_goes_on(tmp_path, fault):
 
 def test_xdg_cache_home_pointing_at_a_file_does_not_stop_eval(tmp_path, monkeypatch):
     """The default cache lies under XDG_CACHE_HOME; a file there turns the cache off with a warning."""
+    from bicm.cache import CacheKey
     from bicm.cli import _feature_cache
 
     (tmp_path / "xdg").write_text("x")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     with pytest.warns(Warning, match="cannot be used"):
         cache = _feature_cache(None, False)
-    assert cache.broken is not None and cache.get_many(["k"]) == {}
+    assert cache.broken is not None and cache.get_many([CacheKey("text", "m", None, "k")]) == {}
 
 
 # --------------------------------------------------------------------------------------------

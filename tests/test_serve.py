@@ -26,7 +26,10 @@ from starlette.testclient import TestClient  # noqa: E402
 
 import bicm.encoder  # noqa: E402
 from bicm.api import Grounder  # noqa: E402
-from bicm.serve import DemoService, Example, MemoryFeatureCache, ServeLimits, _json_safe, create_app  # noqa: E402
+from bicm.jsonl import finite  # noqa: E402
+from bicm.serve import create_app  # noqa: E402
+from bicm.cache import CacheKey, MemoryFeatureCache  # noqa: E402
+from bicm.service import DemoService, Example, ServeLimits  # noqa: E402
 from bicm.shapes.examples import example_image, example_queries  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -193,20 +196,21 @@ def test_kam_is_offered_only_with_a_kam_model(tiny_backbone, client):
 def test_memory_cache_keeps_the_last_images():
     cache = MemoryFeatureCache(images=2, texts=2)
     entry = ({"f": torch.zeros(2)}, {})
+    crop = "m 224x224,shortest"
     for digest in ("aaa", "bbb", "ccc"):
-        cache.put_many({f"props|selective-search|{digest}": entry, f"crop|m|224x224,shortest|{digest}|1.00,2.00,3.00,4.00": entry})
+        cache.put_many({CacheKey("props", "selective-search", digest): entry, CacheKey("crop", crop, digest, "1.00,2.00,3.00,4.00"): entry})
     assert not cache.has_image("aaa") and cache.has_image("bbb") and cache.has_image("ccc")
-    assert cache.get_many(["crop|m|224x224,shortest|bbb|1.00,2.00,3.00,4.00"])  # touches bbb
-    cache.put_many({"props|selective-search|ddd": entry})
+    assert cache.get_many([CacheKey("crop", crop, "bbb", "1.00,2.00,3.00,4.00")])  # touches bbb
+    cache.put_many({CacheKey("props", "selective-search", "ddd"): entry})
     assert cache.has_image("bbb") and not cache.has_image("ccc")
-    cache.put_many({f"text|m|{t}": entry for t in ("a", "b", "c")})
-    assert set(cache.get_many(["text|m|a", "text|m|b", "text|m|c"])) == {"text|m|b", "text|m|c"}
-    assert MemoryFeatureCache.image_of("text|m|a|b") is None
-    assert MemoryFeatureCache.image_of("image|m|224x224,shortest|eee") == "eee"
+    cache.put_many({CacheKey("text", "m", None, t): entry for t in ("a", "b", "c")})
+    assert set(cache.get_many([CacheKey("text", "m", None, t) for t in ("a", "b", "c")])) == {CacheKey("text", "m", None, "b"), CacheKey("text", "m", None, "c")}
+    assert CacheKey("text", "m", None, "a|b").image is None
+    assert CacheKey("image", crop, "eee").image == "eee"
 
 
-def test_json_safe_turns_nan_into_null():
-    assert _json_safe({"a": [float("nan"), 1.5, float("inf")], "b": (2, "x")}) == {"a": [None, 1.5, None], "b": [2, "x"]}
+def test_finite_turns_nan_into_null():
+    assert finite({"a": [float("nan"), 1.5, float("inf")], "b": (2, "x")}) == {"a": [None, 1.5, None], "b": [2, "x"]}
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -423,12 +427,11 @@ def test_browser_end_to_end(live_server):
         browser.quit()
 
     # the page shows what the library computes in-process on the same inputs (the default source: the shapes detector)
-    from bicm.proposals.naming import ClipNamer
-    from bicm.proposals.sources import make_source
     from bicm.shapes.examples import EXAMPLE_SELECTION
 
-    grounder = Grounder.from_pretrained("shapes", device="cpu", selection=EXAMPLE_SELECTION)
-    grounder.namer = ClipNamer(grounder.backbone, "shapes", "a photo of a {}.", encode_text=grounder.encoder.text)
-    expected = grounder.ground(example_image(), phrase, make_source("shapes-detector", top_n=100))
+    grounder = Grounder.from_pretrained(
+        "shapes", device="cpu", proposals="shapes-detector", name_with="shapes", selection=EXAMPLE_SELECTION
+    )
+    expected = grounder.ground(example_image(), phrase)
     assert box == pytest.approx([round(v, 2) for v in expected.box], abs=0.01)
 

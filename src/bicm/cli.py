@@ -802,7 +802,8 @@ def serve(
     method: MethodOptions,
 ) -> None:
     """Web demo: a local page to ground phrases in an uploaded image or a bundled example."""
-    from .serve import ServeLimits, serve_command
+    from .serve import serve_command
+    from .service import ServeLimits
 
     model.prepare()
     method.prepare()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
 
 from .backbone import Backbone
-from .cache import FeatureCache
+from .cache import CacheKey, FeatureCache, MemoryFeatureCache
 from .crops import encode_crops
 from .imageio import image_digest
 from .preprocess import PreprocessSpec, preprocess
@@ -23,13 +23,14 @@ def _spec_key(spec: PreprocessSpec) -> str:
 
 
 class Encoder:
-    """What the pipeline encodes, with a :class:`~bicm.cache.FeatureCache` when given.
+    """What the pipeline encodes, with a feature cache when given.
 
-    Without a cache every call computes; with one, results are looked up first and the
-    missing ones computed in a batch and stored.
+    Without a cache every call computes; with one (a :class:`~bicm.cache.FeatureCache` or a
+    :class:`~bicm.cache.MemoryFeatureCache`), results are looked up by
+    :class:`~bicm.cache.CacheKey` first and the missing ones computed in a batch and stored.
     """
 
-    def __init__(self, backbone: Backbone, cache: Optional[FeatureCache] = None) -> None:
+    def __init__(self, backbone: Backbone, cache: Union[FeatureCache, MemoryFeatureCache, None] = None) -> None:
         self.backbone = backbone
         self.cache = cache
 
@@ -39,12 +40,12 @@ class Encoder:
         if self.cache is None or not texts:
             return self.backbone.encode_text(texts)
         model = self.backbone.fingerprint()
-        keys = [f"text|{model}|{t}" for t in texts]
+        keys = [CacheKey("text", model, None, t) for t in texts]
         found = self.cache.get_many(keys)
         missing = sorted({t for t, k in zip(texts, keys) if k not in found})
         if missing:
             feats = self.backbone.encode_text(missing)
-            new = {f"text|{model}|{t}": ({"f": f}, {}) for t, f in zip(missing, feats)}
+            new = {CacheKey("text", model, None, t): ({"f": f}, {}) for t, f in zip(missing, feats)}
             self.cache.put_many(new)
             found.update(new)
         return torch.stack([found[k][0]["f"] for k in keys]).to(self.backbone.device)
@@ -56,8 +57,8 @@ class Encoder:
         if self.cache is None or boxes.shape[0] == 0:
             return encode_crops(self.backbone, image, boxes, spec, batch_size)
         digest = digest or image_digest(image)
-        prefix = f"crop|{self.backbone.fingerprint()}|{_spec_key(spec)}|{digest}|"
-        keys = [prefix + ",".join(f"{v:.2f}" for v in box) for box in boxes.tolist()]
+        model = f"{self.backbone.fingerprint()} {_spec_key(spec)}"
+        keys = [CacheKey("crop", model, digest, ",".join(f"{v:.2f}" for v in box)) for box in boxes.tolist()]
         found = self.cache.get_many(keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
         if todo:
@@ -72,7 +73,7 @@ class Encoder:
         if self.cache is None:
             return self.backbone.encode_pixels(preprocess(image, spec)[0][None])[0]
         digest = digest or image_digest(image)
-        key = f"image|{self.backbone.fingerprint()}|{_spec_key(spec)}|{digest}"
+        key = CacheKey("image", f"{self.backbone.fingerprint()} {_spec_key(spec)}", digest)
         hit = self.cache.get_many([key]).get(key)
         if hit is None:
             feat = self.backbone.encode_pixels(preprocess(image, spec)[0][None])[0]
@@ -85,7 +86,7 @@ class Encoder:
         digest = digest or image_digest(image)
         if self.cache is None:
             return source(image, key, digest)
-        cache_key = f"props|{source.id}|{digest}"
+        cache_key = CacheKey("props", source.id, digest)
         hit = self.cache.get_many([cache_key]).get(cache_key)
         if hit is not None:
             tensors, meta = hit

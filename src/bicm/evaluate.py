@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torchvision.ops import box_iou
@@ -39,12 +37,13 @@ from .data import GroundingSample
 from .errors import BicmError, warn
 from .safeload import json_loads
 from .imageio import load_image
-from .interrupt import Interrupted, deferred
+from .interrupt import deferred
 from .jsonl import JsonlAppender, read_jsonl
 from .paper import paper_numbers
 from .provenance import versions
 from .proposals import Proposals
 from .proposals.sources import ORACLE_ID, ProposalSource
+from .runs import ProgressBar, check_run_file, kept_on_interrupt, print_note
 
 __all__ = [
     "ABLATIONS",
@@ -243,7 +242,7 @@ def run_eval(
     )
     torch.manual_seed(EVAL_SEED)  # nothing in an eval draws random numbers; should a source do so, it is seeded
     with folder_lock(out_dir, "bicm eval"):
-        _check_run_file(out_dir, run)
+        check_run_file(out_dir, run)
         needs = Needs.of((c for _, c in rows), grounder.kam is None or grounder.kam.use_names)
         groups = _group_by_image(chosen)
         predictions = out_dir / "predictions.jsonl"
@@ -257,7 +256,7 @@ def run_eval(
             if done_queries:
                 print_note(f"resuming: {done_queries} of {len(chosen)} queries already in {predictions}")
             hits = {"n": 0, "k": 0}
-            with _progress(progress, len(chosen), done_queries) as bar, _kept_on_interrupt(out, len(chosen), predictions):
+            with ProgressBar(progress, "eval", len(chosen), done_queries) as bar, kept_on_interrupt(out, len(chosen), "queries"):
                 for index, (image_file, group) in enumerate(todo):
                     records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source)
                     records = [r for r in records if str(r["id"]) not in out.done]  # the same values, written once
@@ -267,7 +266,7 @@ def run_eval(
                     for r in records:
                         hits["n"] += 1
                         hits["k"] += int(r["rows"].get(MAIN_ROW, {}).get("hit", False))
-                    bar.advance(len(records), hits["k"] / max(1, hits["n"]))
+                    bar.advance(len(records), f"{MAIN_ROW} {100 * hits['k'] / max(1, hits['n']):.1f}%")
                     if on_image is not None:
                         on_image(index + 1)
     records = {r["id"]: r for r in read_jsonl(predictions)}
@@ -505,67 +504,3 @@ def merge_runs(shards: Sequence[Union[str, Path]], out_dir: Union[str, Path]) ->
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out_dir / "table.md", markdown_table(summary))
     return summary
-
-
-@contextmanager
-def _kept_on_interrupt(out: JsonlAppender, total: int, predictions: Path) -> Iterator[None]:
-    """Ctrl-C: say how much finished work the predictions file keeps (see bicm.interrupt)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise Interrupted(f"{len(out.done)} of {total} queries are kept in {predictions}") from None
-
-
-def _check_run_file(out_dir: Path, run: EvalRun) -> None:
-    path = out_dir / "run.json"
-    if path.is_file():
-        try:
-            previous = EvalRun(**json_loads(path.read_text(), path))
-        except (json.JSONDecodeError, TypeError):
-            raise BicmError(f"{path} is not a bicm run file; use another --out") from None
-        if not previous.same_work(run):
-            raise BicmError(f"{out_dir} holds a run with other settings; use another --out (or delete it)")
-        if previous.versions and run.versions and previous.versions != run.versions:
-            changed = ", ".join(f"{k} {previous.versions.get(k)} -> {v}" for k, v in run.versions.items() if previous.versions.get(k) != v)
-            warn(f"resuming a run begun with other versions ({changed}); its predictions may mix them")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(asdict(run), indent=1) + "\n")
-
-
-def print_note(message: str) -> None:
-    import sys
-
-    print(f"bicm: {message}", file=sys.stderr)
-
-
-class _progress:
-    """A rich progress bar (queries, ETA, running accuracy of the main row), or nothing."""
-
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.enabled, self.total, self.done = enabled, total, done
-        self._bar: Any = None
-        self._start = time.perf_counter()
-
-    def __enter__(self) -> "_progress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("eval"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[acc]}"),
-                transient=False,
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("eval", total=self.total, completed=self.done, acc="")
-        return self
-
-    def advance(self, n: int, accuracy: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n, acc=f"{MAIN_ROW} {100 * accuracy:.1f}%")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

@@ -18,7 +18,6 @@ in that image.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -29,13 +28,14 @@ from torchvision.ops import box_iou
 from .api import Grounder
 from .config import BiCMConfig, Needs, config_dict, same_method
 from .atomic import atomic_write_text
-from .cache import FeatureCache
+from .cache import CacheKey, FeatureCache
 from .errors import BicmError, warn
 from .safeload import json_loads, regular_file
 from .evaluate import wilson_interval
 from .imageio import load_image
 from .jsonl import JsonlAppender, read_jsonl
 from .proposals.sources import ProposalSource
+from .runs import ProgressBar, check_run_file, print_note
 
 __all__ = [
     "PseudoRun",
@@ -44,6 +44,7 @@ __all__ = [
     "run_pseudo_label",
     "calibrate_lambda",
     "read_kam_pairs",
+    "pair_key",
     "precision_table",
     "table7_markdown",
     "normalize_query",
@@ -165,21 +166,23 @@ def run_pseudo_label(
         thr_k=thr_k,
         features_above=features_above,
     )
-    _check_run_file(out_dir, run)
+    check_run_file(out_dir, run, kind="pseudo-label")
     matches = _match(grounder, images, queries, out_dir, progress)
 
-    store = FeatureCache(out_dir / "kam_features.sqlite")
+    store = _kam_store(out_dir / "kam_features.sqlite")
     pairs_path = out_dir / "pairs.jsonl"
     try:
         with JsonlAppender(pairs_path, key_field="id") as out:
             todo = [m for m in matches if m["id"] not in out.done]
             if len(todo) < len(matches):
-                _note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
-            with _Bar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
+                print_note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
+            labels = 0
+            with ProgressBar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
                 for count, match in enumerate(todo, start=1):
                     record = _ground_pair(grounder, cfg, match, source, store, features_above)
                     out.append([record])
-                    bar.advance(record.get("score"), thr_k)
+                    labels += record.get("score") is not None and record["score"] > thr_k
+                    bar.advance(1, f"{labels} labels")
                     if on_pair is not None:
                         on_pair(count)
     finally:
@@ -218,7 +221,7 @@ def _match(grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list
             return found
     spec = grounder.backbone.spec
     feats, keep, errors = [], [], {}
-    with _Bar(progress, "embed images", len(images), 0) as bar:
+    with ProgressBar(progress, "embed images", len(images)) as bar:
         for key, file in images:
             try:
                 pil = load_image(file, exif_transpose=False)
@@ -226,10 +229,10 @@ def _match(grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list
                 keep.append(key)
             except BicmError as exc:  # one bad image must not end the run
                 errors[key] = str(exc)
-            bar.advance(None, None)
+            bar.advance()
     if not keep:
         raise BicmError("none of the images could be read")
-    with _Bar(progress, "match queries", len(queries), 0) as bar:
+    with ProgressBar(progress, "match queries", len(queries)) as bar:
         done = [0]
 
         def tick(n: int) -> None:
@@ -276,9 +279,9 @@ def calibrate_lambda(
     cfg = grounder.config.replace(components=("qam", "com", "sf"), td_scale="raw", selection="argmax")
     matches = _match(grounder, images, queries, out_dir, progress)
     bu, td = [], []
-    with _Bar(progress, "calibrate", len(matches), 0) as bar:
+    with ProgressBar(progress, "calibrate", len(matches)) as bar:
         for match in matches:
-            bar.advance(None, None)
+            bar.advance()
             if match.get("error"):
                 continue
             pil = load_image(match["image"], exif_transpose=False)
@@ -336,9 +339,23 @@ def _ground_pair(
         tensors = {"fi": features.image_feat.cpu(), "fq": features.text[0].cpu(), "fp": fp.half().cpu(), "boxes": c.boxes}
         if fc is not None:
             tensors["fc"] = fc.half().cpu()
-        store.put_many({f"pair|{match['id']}": (tensors, {"target": result.selected, "score": float(result.score)})})
+        store.put_many({pair_key(match["id"]): (tensors, {"target": result.selected, "score": float(result.score)})})
         record["features"] = True
     return record
+
+
+def pair_key(pair_id: str) -> CacheKey:
+    """The key of a pair's MLP inputs in ``kam_features.sqlite``."""
+    return CacheKey("pair", "", None, str(pair_id))
+
+
+def _kam_store(path: Path) -> FeatureCache:
+    """A run's ``kam_features.sqlite``; one written by an older bicm is refused (its features
+    cannot be recomputed without running CLIP again), not emptied."""
+    try:
+        return FeatureCache(path, rebuild_old=False)
+    except BicmError as exc:
+        raise BicmError(f"{exc}; run 'bicm pseudo-label' again with another --out") from None
 
 
 def _label(record: dict[str, Any]) -> dict[str, Any]:
@@ -365,14 +382,14 @@ def read_kam_pairs(run_dir: Union[str, Path], thr_k: Optional[float] = None) -> 
             f"with --features-above {thr_k} or lower"
         )
     wanted = [r for r in read_jsonl(pairs_file) if r.get("score") is not None and r["score"] > thr_k]
-    store = FeatureCache(store_file)
+    store = _kam_store(store_file)
     try:
-        found = store.get_many([f"pair|{r['id']}" for r in wanted])
+        found = store.get_many([pair_key(r["id"]) for r in wanted])
     finally:
         store.close()
     pairs, missing = [], 0
     for r in wanted:
-        entry = found.get(f"pair|{r['id']}")
+        entry = found.get(pair_key(r["id"]))
         if entry is None:
             missing += 1
             continue
@@ -415,59 +432,6 @@ def table7_markdown(rows: Sequence[dict[str, Any]], model: str) -> str:
         p = "" if row["precision"] is None else f"{100 * row['precision']:.1f}"
         lines.append(f"| {name} | {row['labels']} | {row['correct']} | {p} | {100 * row['ci_low']:.1f}-{100 * row['ci_high']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _check_run_file(out_dir: Path, run: PseudoRun) -> None:
-    path = out_dir / "run.json"
-    if path.is_file():
-        try:
-            previous = PseudoRun(**json_loads(path.read_text(), path))
-        except (json.JSONDecodeError, TypeError):
-            raise BicmError(f"{path} is not a bicm pseudo-label run file; use another --out") from None
-        if not previous.same_work(run):
-            raise BicmError(f"{out_dir} holds a pseudo-label run with other settings; use another --out (or delete it)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(asdict(run), indent=1) + "\n")
-
-
-def _note(message: str) -> None:
-    import sys
-
-    print(f"bicm: {message}", file=sys.stderr)
-
-
-class _Bar:
-    """A rich progress bar (items, ETA, labels so far), or nothing."""
-
-    def __init__(self, enabled: bool, title: str, total: int, done: int) -> None:
-        self.enabled, self.title, self.total, self.done = enabled, title, total, done
-        self.labels = 0
-        self._bar: Any = None
-
-    def __enter__(self) -> "_Bar":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn(self.title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-            self._bar.__enter__()
-            self._task = self._bar.add_task(self.title, total=self.total, completed=self.done, info="")
-        self._start = time.perf_counter()
-        return self
-
-    def advance(self, score: Optional[float], thr_k: Optional[float]) -> None:
-        if score is not None and thr_k is not None and score > thr_k:
-            self.labels += 1
-        if self._bar is not None:
-            info = f"{self.labels} labels" if thr_k is not None else ""
-            self._bar.update(self._task, advance=1, info=info)
-
-    def advance_to(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 def iter_image_files(folder: Path) -> Iterator[Path]:

@@ -24,7 +24,7 @@ open_clip model.
 
 Maps live on the ViT patch grid; :func:`upsample` puts them on the original image's pixels
 by composing bilinear interpolation on the model's input grid with the inverse of CLIP's
-resize + crop (:class:`~bicm.backbone.Geometry`). Pixels that CLIP's center crop cut away were
+resize + crop (:class:`~bicm.preprocess.Geometry`). Pixels that CLIP's center crop cut away were
 never seen by the model: their map value is 0, and min-max normalisation uses the visible
 pixels only.
 """
@@ -322,8 +322,8 @@ def compute_maps(
 
     Parameters
     ----------
-    pixels: ``(3, H_in, W_in)`` preprocessed image (see :func:`bicm.backbone.preprocess`).
-    geometry: its :class:`~bicm.backbone.Geometry`.
+    pixels: ``(3, H_in, W_in)`` preprocessed image (see :func:`bicm.preprocess.preprocess`).
+    geometry: its :class:`~bicm.preprocess.Geometry`.
     text: ``(Q, E)`` L2-normalised query embeddings.
     """
     visual = backbone.model.visual

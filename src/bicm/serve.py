@@ -6,6 +6,9 @@ the image, the phrases (one per line), the proposal source and the components to
 (heatmap, candidates, chosen box), a table of the top candidates' component scores, and a
 download of the JSON result (:meth:`bicm.api.GroundingResult.to_dict` per phrase).
 
+This module is the web app only: the grounding itself (caching, limits, the CPU lock, the
+bundled examples) is :class:`bicm.service.DemoService`, which needs no web package.
+
 Why starlette + uvicorn and not Gradio: the page needs four widgets and one table. Gradio
 would add a large dependency tree (its own FastAPI, pydantic, pandas, a bundled frontend and
 more) and, by default, fonts and analytics fetched from the network, which bicm's offline
@@ -13,18 +16,10 @@ machines do not have. starlette (the toolkit FastAPI is built on), uvicorn and
 python-multipart are three small pure-Python packages; they live in the ``serve`` extra
 (``pip install "bicm[serve]"``) so that the library and the other commands do not need them.
 
-What a public demo needs, and how this module does it:
+What the HTTP side adds to the service:
 
-* the per-image work is shared: the phrases of one request go through one
-  :meth:`~bicm.api.Grounder.ground_many`, and :class:`MemoryFeatureCache` keeps the
-  proposals and crop embeddings of the last few images (by :func:`bicm.imageio.image_digest`),
-  so a follow-up request on the same image only pays for its new phrases;
-* limits: upload bytes (checked from ``Content-Length`` and while reading), image pixels
-  (checked from the header, before decoding), number and length of the phrases, a request
-  timeout;
-* one CPU lock: requests are computed one at a time (torch already uses every core);
-* the client never names a file on the server: examples are picked by name from a fixed
-  table, and a detections file is not accepted;
+* upload bytes are checked from ``Content-Length`` and again while reading, and a stalled
+  upload is cut at the request timeout;
 * mistakes come back as HTTP 4xx with ``{"error": "..."}``, shown on the page;
 * it binds to 127.0.0.1 unless told otherwise.
 """
@@ -32,462 +27,34 @@ What a public demo needs, and how this module does it:
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib.util
-import math
-import tempfile
-import threading
 import time
-import warnings
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import BicmError, BicmWarning
+from .errors import BicmError
+from .service import MB, DemoError, DemoService, Example, ServeLimits
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .options import ModelOptions, SourceOptions
     from PIL import Image
 
-    from .api import Grounder, GroundingResult
-    from .cache import Entry
-    from .proposals.sources import ProposalSource
-
 __all__ = [
-    "ServeLimits",
-    "Example",
-    "MemoryFeatureCache",
-    "DemoService",
-    "DemoError",
-    "bundled_examples",
     "create_app",
     "run_server",
+    "serve_command",
+    "start_service",
 ]
-
-MB = 1024 * 1024
 
 #: Bytes a multipart form adds around the image (boundaries, headers, the text fields).
 FORM_OVERHEAD = 256 * 1024
-
-#: Proposal sources the page offers (a detections file is never accepted from a client); with
-#: the shipped shapes CLIP the shapes detector comes first.
-PROPOSAL_CHOICES = ("selective-search", "none")
-
-#: How many of the best candidates the page's score table shows.
-TOP_CANDIDATES = 8
 
 #: Seconds the HTTP side waits beyond the deadline, so that a worker still queueing for the
 #: CPU answers 503 (busy) itself rather than the client getting 504.
 LOCK_GRACE_S = 0.5
 
 WEB_PACKAGES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request may ask of the server.
-
-    Attributes
-    ----------
-    max_upload_bytes: largest accepted image file.
-    max_pixels: largest accepted image (width x height), checked before decoding.
-    timeout_s: a request that has not been answered after this long (waiting for the CPU
-        included) gets HTTP 503/504.
-    max_queries: phrases per request.
-    max_query_chars: characters per phrase.
-    cache_images: images whose proposals and crop embeddings are kept in memory.
-    """
-
-    max_upload_bytes: int = 20 * MB
-    max_pixels: int = 25_000_000
-    timeout_s: float = 120.0
-    max_queries: int = 16
-    max_query_chars: int = 300
-    cache_images: int = 8
-
-    def __post_init__(self) -> None:
-        if self.max_upload_bytes < 1 or self.max_pixels < 1:
-            raise BicmError("the upload and pixel limits must be positive")
-        if not self.timeout_s > 0:
-            raise BicmError("the request timeout must be positive")
-        if self.max_queries < 1 or self.max_query_chars < 1 or self.cache_images < 1:
-            raise BicmError("the phrase limits and the cache size must be at least 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_upload_bytes": self.max_upload_bytes,
-            "max_pixels": self.max_pixels,
-            "timeout_s": self.timeout_s,
-            "max_queries": self.max_queries,
-            "max_query_chars": self.max_query_chars,
-        }
-
-
-class DemoError(BicmError):
-    """A request the demo refuses, with the HTTP status to answer it with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Example:
-    """A bundled image the page can pick by ``name`` (never by path)."""
-
-    name: str
-    path: Path
-    queries: tuple[str, ...]
-    description: str = ""
-
-
-def bundled_examples() -> dict[str, Example]:
-    """The examples that ship with bicm, by name."""
-    from .shapes.examples import example_image, example_queries
-
-    shapes = Example(
-        "shapes",
-        example_image(),
-        tuple(example_queries()),
-        "a scene of the shapes world (what the shipped shapes CLIP was trained on)",
-    )
-    return {shapes.name: shapes}
-
-
-# ----------------------------------------------------------------------------------------
-class MemoryFeatureCache:
-    """An in-memory stand-in for :class:`~bicm.cache.FeatureCache`: the last few images.
-
-    The :class:`~bicm.encoder.Encoder` looks up proposals (``props|<source>|<image>``),
-    crop embeddings (``crop|...|<image>|<box>``) and whole-image embeddings
-    (``image|...|<image>``, for KAM) by key; this cache groups those entries by
-    their image digest and keeps the ``images`` most recently used images (LRU), so memory
-    stays bounded however many images a server sees. Text embeddings are kept apart, for the
-    last ``texts`` phrases.
-
-    Parameters
-    ----------
-    images: how many images to keep.
-    texts: how many text embeddings to keep.
-    """
-
-    def __init__(self, images: int = 8, texts: int = 4096) -> None:
-        from .cache import CacheStats
-
-        self.max_images = int(images)
-        self.max_texts = int(texts)
-        self.stats = CacheStats()
-        self._images: "OrderedDict[str, dict[str, Entry]]" = OrderedDict()
-        self._texts: "OrderedDict[str, Entry]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def image_of(key: str) -> Optional[str]:
-        """The image digest a key belongs to, or ``None`` for keys of no image (text)."""
-        parts = key.split("|")
-        if parts[0] in ("props", "image") and len(parts) >= 3:
-            return parts[-1]
-        if parts[0] == "crop" and len(parts) >= 5:
-            return parts[-2]
-        return None
-
-    def has_image(self, digest: str) -> bool:
-        """Whether anything of the image ``digest`` is cached."""
-        with self._lock:
-            return digest in self._images
-
-    def get_many(self, keys: Iterable[str]) -> "dict[str, Entry]":
-        found: "dict[str, Entry]" = {}
-        with self._lock:
-            for key in keys:
-                digest = self.image_of(key)
-                if digest is None:
-                    hit = self._texts.get(key)
-                    if hit is not None:
-                        self._texts.move_to_end(key)
-                else:
-                    group = self._images.get(digest)
-                    hit = None if group is None else group.get(key)
-                    if group is not None:
-                        self._images.move_to_end(digest)
-                if hit is None:
-                    self.stats.misses += 1
-                else:
-                    self.stats.hits += 1
-                    found[key] = hit
-        return found
-
-    def put_many(self, items: "Mapping[str, Entry]") -> None:
-        with self._lock:
-            for key, entry in items.items():
-                digest = self.image_of(key)
-                if digest is None:
-                    self._texts[key] = entry
-                    self._texts.move_to_end(key)
-                else:
-                    self._images.setdefault(digest, {})[key] = entry
-                    self._images.move_to_end(digest)
-                self.stats.writes += 1
-            while len(self._images) > self.max_images:
-                self._images.popitem(last=False)
-            while len(self._texts) > self.max_texts:
-                self._texts.popitem(last=False)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._texts) + sum(len(g) for g in self._images.values())
-
-    def close(self) -> None:
-        """Nothing to release (the same interface as the disk cache)."""
-
-
-# ----------------------------------------------------------------------------------------
-@dataclass
-class _Timing:
-    start: float = field(default_factory=time.perf_counter)
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, name: str, since: float) -> float:
-        now = time.perf_counter()
-        self.marks[name] = round(now - since, 4)
-        return now
-
-
-class DemoService:
-    """What the page asks for, without HTTP: decode, ground, draw, serialise.
-
-    Parameters
-    ----------
-    grounder: a :class:`~bicm.api.Grounder` (its namer, if any, names the proposals; its KAM
-        model, if any, makes ``"kam"`` a component the page offers). The service gives it a
-        :class:`MemoryFeatureCache`.
-    model_name: shown on the page.
-    limits: :class:`ServeLimits`.
-    top_n, ss_mode: selective-search options (as ``bicm ground``).
-    examples: bundled images by name (default :func:`bundled_examples`).
-    detector: a proposal source offered first on the page as ``"shapes-detector"`` (the
-        shapes world's detector, with the shipped shapes CLIP), or ``None``.
-    """
-
-    def __init__(
-        self,
-        grounder: "Grounder",
-        *,
-        model_name: str = "",
-        limits: Optional[ServeLimits] = None,
-        top_n: int = 100,
-        ss_mode: str = "fast",
-        examples: Optional[Mapping[str, Example]] = None,
-        detector: Optional["ProposalSource"] = None,
-    ) -> None:
-        from .api import Grounder
-        from .proposals.selective import SelectiveSearch
-
-        self.limits = limits or ServeLimits()
-        self.cache = MemoryFeatureCache(images=self.limits.cache_images)
-        self.grounder = Grounder(
-            grounder.backbone,
-            grounder.config,
-            class_names=grounder.class_names,
-            namer=grounder.namer,
-            cache=self.cache,
-            kam=grounder.kam,
-        )
-        self.model_name = model_name or grounder.backbone.name
-        self.sources: dict[str, Optional["ProposalSource"]] = {
-            **({"shapes-detector": detector} if detector is not None else {}),
-            "selective-search": SelectiveSearch(mode=ss_mode, top_n=top_n),
-            "none": None,
-        }
-        self.examples = dict(bundled_examples() if examples is None else examples)
-        self.cpu_lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bicm-serve")
-        self.grounder.backbone.fingerprint()  # hashes the weights once, now rather than in the first request
-
-    # -- what the page needs to draw its form ---------------------------------------------
-    @property
-    def components(self) -> tuple[str, ...]:
-        """The components the page offers: QAM, COM, SF, and KAM when the Grounder has a model."""
-        from .api import COMPONENTS
-
-        return COMPONENTS + (("kam",) if self.grounder.kam is not None else ())
-
-    def info(self) -> dict[str, Any]:
-        """Model, choices and limits, for the page's form."""
-        namer = self.grounder.namer
-        return {
-            "model": self.model_name,
-            "components": list(self.components),
-            "default_components": list(self.grounder.config.components),
-            "proposal_sources": list(self.sources),
-            "naming": None if namer is None else namer.vocabulary.name,
-            "examples": [
-                {"name": e.name, "queries": list(e.queries), "description": e.description, "url": f"/api/examples/{e.name}.png"}
-                for e in self.examples.values()
-            ],
-            "limits": self.limits.to_dict(),
-        }
-
-    def example(self, name: str) -> Example:
-        """The bundled example ``name``; only names of the fixed table are accepted."""
-        found = self.examples.get(name) if isinstance(name, str) else None
-        if found is None:
-            known = ", ".join(sorted(self.examples)) or "none"
-            raise DemoError(f"unknown example {str(name)[:40]!r}; the examples are: {known}", 404)
-        return found
-
-    # -- inputs ---------------------------------------------------------------------------
-    def decode_upload(self, data: bytes, filename: str = "") -> "Image.Image":
-        """The uploaded bytes as an RGB image, within the byte and pixel limits."""
-        from .imageio import load_image
-
-        shown = _display_name(filename)
-        if len(data) > self.limits.max_upload_bytes:
-            raise DemoError(
-                f"{shown} is {len(data) / MB:.1f} MB; this server accepts images up to {self.limits.max_upload_bytes / MB:g} MB",
-                413,
-            )
-        if not data:
-            raise DemoError(f"{shown} is empty")
-        with tempfile.TemporaryDirectory(prefix="bicm-serve-") as folder:
-            path = Path(folder) / ("upload" + _safe_suffix(filename))
-            path.write_bytes(data)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", BicmWarning)
-                    return load_image(path, max_pixels=self.limits.max_pixels)
-            except BicmError as exc:
-                message = str(exc).replace(f"image {path}", shown).replace(str(path), shown)
-                message = message.split("; raise it with")[0]
-                raise DemoError(message, 413 if "more than the limit" in message else 400) from None
-
-    def parse_queries(self, text: str) -> list[str]:
-        """One phrase per non-blank line, within the limits."""
-        queries = [" ".join(line.split()) for line in (text or "").splitlines()]
-        queries = [q for q in queries if q]
-        if not queries:
-            raise DemoError("type at least one phrase (one per line)")
-        if len(queries) > self.limits.max_queries:
-            raise DemoError(f"{len(queries)} phrases; this server takes at most {self.limits.max_queries} per request")
-        long = [q for q in queries if len(q) > self.limits.max_query_chars]
-        if long:
-            raise DemoError(f"a phrase is longer than {self.limits.max_query_chars} characters: {long[0][:40]!r}...")
-        return queries
-
-    def parse_components(self, value: str | Sequence[str]) -> tuple[str, ...]:
-        """Components from ``"qam,com,sf"`` (or a list); validated by :class:`~bicm.api.BiCMConfig`."""
-        items = value.split(",") if isinstance(value, str) else list(value)
-        comps = tuple(dict.fromkeys(c.strip().lower() for c in items if c and c.strip()))
-        if not comps:
-            raise DemoError("choose at least one component")
-        if "kam" in comps and "kam" not in self.components:
-            raise DemoError("KAM needs a trained KAM model: this server was started without --kam")
-        unknown = [c for c in comps if c not in self.components]
-        if unknown:
-            raise DemoError(f"unknown component {unknown[0][:20]!r}; choose from {', '.join(self.components)}")
-        return comps
-
-    # -- the work -------------------------------------------------------------------------
-    def ground(
-        self,
-        image: "Image.Image",
-        queries: Sequence[str],
-        *,
-        proposals: str = "selective-search",
-        components: Sequence[str] = ("qam", "com", "sf"),
-        image_name: str = "",
-        deadline: Optional[float] = None,
-    ) -> dict[str, Any]:
-        """Ground ``queries`` in ``image`` and build the page's answer (JSON-ready).
-
-        Waits for the CPU lock until ``deadline`` (``time.monotonic()``; default: the
-        limits' timeout from now) and answers 503 when it passes first.
-
-        Returns
-        -------
-        ``{"image": {...}, "results": [{"result": to_dict(), "top": [...], "picture":
-        "data:image/png;base64,..."}], "timing": {...}, "cache": {...}, "warnings": [...]}``
-        """
-        from .imageio import image_digest
-        from .viz import render_visualization
-
-        if proposals not in self.sources:
-            raise DemoError(f"unknown proposal source {str(proposals)[:40]!r}; choose from {', '.join(self.sources)}")
-        timing = _Timing()
-        grounder = self.grounder.with_config(components=tuple(components))
-        deadline = time.monotonic() + self.limits.timeout_s if deadline is None else deadline
-        wait = deadline - time.monotonic()
-        if wait <= 0 or not self.cpu_lock.acquire(timeout=wait):
-            raise DemoError("the server is busy with other requests; try again in a moment", 503)
-        try:
-            now = timing.mark("wait_s", timing.start)
-            digest = image_digest(image)
-            seen = self.cache.has_image(digest)
-            hits_before = self.cache.stats.hits
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", BicmWarning)
-                results = grounder.ground_many(image, list(queries), self.sources[proposals])
-            now = timing.mark("ground_s", now)
-            pictures = [render_visualization(image, [r]) for r in results]
-            timing.mark("render_s", now)
-        finally:
-            self.cpu_lock.release()
-        timing.marks["total_s"] = round(time.perf_counter() - timing.start, 4)
-        messages = sorted({str(w.message) for w in caught if issubclass(w.category, BicmWarning)})
-        return _json_safe(
-            {
-                "image": {"name": image_name, "width": image.width, "height": image.height, "digest": digest},
-                "model": self.model_name,
-                "proposals": proposals,
-                "components": list(grounder.config.components),
-                "results": [
-                    {"result": r.to_dict(), "top": _top(r), "picture": "data:image/png;base64," + base64.b64encode(p).decode()}
-                    for r, p in zip(results, pictures)
-                ],
-                "timing": timing.marks,
-                "cache": {"image_seen_before": seen, "hits": self.cache.stats.hits - hits_before},
-                "warnings": messages,
-            }
-        )
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _top(result: "GroundingResult", k: int = TOP_CANDIDATES) -> list[int]:
-    """Indices of the ``k`` best candidates by fused score, the chosen ones first."""
-    fused = result.candidates.fused
-    if fused.numel() == 0:
-        return []
-    order = [int(i) for i in fused.argsort(descending=True).tolist()]
-    chosen = [i for i in order if i in result.selected]
-    return (chosen + [i for i in order if i not in result.selected])[:k]
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become ``None`` (JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _display_name(filename: str) -> str:
-    """The client's file name, for messages: base name only, printable, short."""
-    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(ch for ch in base if ch.isprintable())[:60]
-    return f"the file {base!r}" if base else "the uploaded file"
-
-
-def _safe_suffix(filename: str) -> str:
-    """The extension of the client's file name if harmless (``.png``), else nothing."""
-    suffix = Path((filename or "").replace("\\", "/").rsplit("/", 1)[-1]).suffix.lower()
-    return suffix if 1 < len(suffix) <= 6 and suffix[1:].isalnum() else ""
 
 
 def static_file(name: str) -> bytes:
@@ -680,54 +247,47 @@ def _check_bind(host: str, port: int) -> None:
 
 
 def start_service(
+    model: Optional["ModelOptions"] = None,
+    source: Optional["SourceOptions"] = None,
     *,
-    model: Optional[str] = None,
-    pretrained: Optional[str] = None,
-    checkpoint: Optional[Path] = None,
-    quick_gelu: Optional[bool] = None,
-    device: str = "auto",
-    amp: Optional[str] = None,
-    precision: str = "fp32",
-    name_with: Optional[str] = None,
-    name_template: str = "a photo of a {}.",
     kam: Optional[Path] = None,
-    top_n: int = 100,
-    ss_mode: str = "fast",
     limits: Optional[ServeLimits] = None,
 ) -> DemoService:
     """Load the model the way ``bicm ground`` does and build the :class:`DemoService`.
 
-    Without ``model``, ``pretrained`` or ``checkpoint`` it loads the shipped ``shapes`` CLIP
-    (offline). ``kam`` (a ``bicm train-kam`` model of this backbone) adds KAM to the
-    components, on by default. With the shipped ``shapes`` model and no ``name_with``, proposals are named over the
-    shapes world's vocabulary, exactly as ``bicm demo`` does, so COM can use class names.
+    ``model`` and ``source`` are the command line's option groups (:mod:`bicm.options`;
+    default: their defaults on the CPU-or-GPU ``auto`` device). Without a model name,
+    pretrained tag or checkpoint it loads the shipped ``shapes`` CLIP (offline), with the
+    shapes detector, proposals named over the shapes vocabulary, the phrase protocol's
+    selection and the model's calibrated ``lambda_t``, exactly as ``bicm demo``. ``kam`` (a
+    ``bicm train-kam`` model of this backbone) adds KAM to the components, on by default.
     """
-    from .api import Grounder
-    from .checkpoints import SHAPES_MODEL
-    from .proposals.naming import ClipNamer
+    from .checkpoints import SHAPES_MODEL, recorded_lambda_t
+    from .config import BiCMConfig
+    from .options import ModelOptions, SourceOptions
 
     require_web()
-    if model is None and pretrained is None and checkpoint is None:
-        model = SHAPES_MODEL
-    grounder = Grounder.from_pretrained(
-        model, pretrained, checkpoint=checkpoint, device=device, amp=amp, quick_gelu=quick_gelu, kam=kam, precision=precision
-    )
-    detector = None
-    if model == SHAPES_MODEL and checkpoint is None and pretrained is None:
-        from .proposals.sources import make_source
+    model = model or ModelOptions()
+    source = source or SourceOptions()
+    shapes = model.model in (None, SHAPES_MODEL) and model.pretrained is None and model.checkpoint is None
+    config, detector = None, None
+    if shapes:
+        from dataclasses import replace
 
+        from .proposals.sources import make_source
         from .shapes.examples import EXAMPLE_SELECTION
 
-        name_with = name_with or "shapes"
-        detector = make_source("shapes-detector", top_n=top_n)  # the shapes world's own detector, as bicm demo
-        from .checkpoints import recorded_lambda_t
-
-        # the phrase protocol's selection and the model's calibrated lambda_t, as bicm demo
+        model = replace(model, model=SHAPES_MODEL)
+        source = replace(source, name_with=source.name_with or "shapes")
+        detector = make_source("shapes-detector", top_n=source.top_n)  # the shapes world's own detector, as bicm demo
         lambda_t = recorded_lambda_t(SHAPES_MODEL)
-        grounder = grounder.with_config(selection=EXAMPLE_SELECTION, **({} if lambda_t is None else {"lambda_t": lambda_t}))
-    if name_with is not None:
-        grounder.namer = ClipNamer(grounder.backbone, name_with, name_template, encode_text=grounder.encoder.text)
-    return DemoService(grounder, model_name=grounder.backbone.name, limits=limits, top_n=top_n, ss_mode=ss_mode, detector=detector)
+        config = BiCMConfig(selection=EXAMPLE_SELECTION, **({} if lambda_t is None else {"lambda_t": lambda_t}))
+        if kam is not None:
+            config = config.replace(components=config.components + ("kam",))
+    grounder = model.grounder(config, source=source, kam=kam)
+    return DemoService(
+        grounder, model_name=grounder.backbone.name, limits=limits, top_n=source.top_n, ss_mode=source.ss_mode, detector=detector
+    )
 
 
 def serve_command(host: str, port: int, **options: Any) -> None:
