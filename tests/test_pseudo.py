@@ -11,7 +11,6 @@ from bicm.api import Grounder
 from bicm.cli import app
 from bicm.errors import BicmError
 from bicm.jsonl import read_jsonl
-from bicm.proposals.naming import ClipNamer
 from bicm.proposals.selective import SelectiveSearch
 from bicm.pseudo import (
     precision_table,

@@ -18,7 +18,7 @@ evaluation score one extraction:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -371,11 +371,12 @@ class Grounder:
 
         results = []
         for i, query in enumerate(f.queries):
-            cand = _Row(boxes, list(props.class_names or [None] * len(props)), None, _at(s_pq, i), _at(s_cq, i), _at(s_td, i))
+            names = list(props.class_names or [None] * len(props))
+            cand = Candidates(boxes, names, None, _at(s_pq, i), _at(s_cq, i), _at(s_td, i), fused=torch.zeros(0))
             if p_t[i] is not None:
                 box_t = torch.tensor([p_t[i]], dtype=torch.float32, device=device) * to_original
                 name_t = props.class_names[int(named[i])] if named is not None else None  # type: ignore[index]
-                cand = cand.plus(box_t, name_t, _at(qam_pq, i, True), _at(qam_cq, i, True), _at(qam_td, i, True))
+                cand = _with_qam_box(cand, box_t, name_t, _at(qam_pq, i, True), _at(qam_cq, i, True), _at(qam_td, i, True))
             if len(cand) == 0:
                 results.append(_empty_result(query, plan, f, i, cfg))
                 continue
@@ -500,30 +501,17 @@ class _Plan:
         return _Plan(cfg.uses_qam, cfg.uses_com, cfg.uses_sf, cfg.uses_kam, use_props, visual, names, maps, boxes, notes)
 
 
-@dataclass
-class _Row:
-    """One query's candidates and their terms: ``(K, 4)`` boxes and ``(K,)`` scores."""
+def _with_qam_box(cand: Candidates, box: torch.Tensor, name: Optional[str], pq, cq, td) -> Candidates:  # noqa: ANN001
+    """``cand`` and one more candidate, QAM's box ``P_t`` (last); a term absent for the others
+    stays absent."""
 
-    boxes: torch.Tensor
-    class_names: list[Optional[str]]
-    qam_index: Optional[int]
-    s_pq: Optional[torch.Tensor]
-    s_cq: Optional[torch.Tensor]
-    s_td: Optional[torch.Tensor]
+    def cat(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if a is None else torch.cat([a, b])
 
-    def __len__(self) -> int:
-        return int(self.boxes.shape[0])
-
-    def plus(self, box: torch.Tensor, name: Optional[str], pq, cq, td) -> "_Row":  # noqa: ANN001
-        """These candidates and one more (QAM's ``P_t``, last); a term absent for the others stays absent."""
-
-        def cat(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if a is None else torch.cat([a, b])
-
-        return _Row(
-            torch.cat([self.boxes, box]), self.class_names + [name], len(self),
-            cat(self.s_pq, pq), cat(self.s_cq, cq), cat(self.s_td, td),
-        )
+    return replace(
+        cand, boxes=torch.cat([cand.boxes, box]), class_names=cand.class_names + [name], qam_index=len(cand),
+        s_pq=cat(cand.s_pq, pq), s_cq=cat(cand.s_cq, cq), s_td=cat(cand.s_td, td),
+    )
 
 
 def _at(values: Optional[torch.Tensor], i: int, keep_dim: bool = False) -> Optional[torch.Tensor]:
@@ -533,21 +521,15 @@ def _at(values: Optional[torch.Tensor], i: int, keep_dim: bool = False) -> Optio
     return values[i : i + 1] if keep_dim else values[i]
 
 
-def _result(query, box, chosen, cand: _Row, fused, s_kam, plan: _Plan, f: ScoringInputs, i: int, cfg: BiCMConfig) -> GroundingResult:  # noqa: ANN001
+def _result(query, box, chosen, cand: Candidates, fused, s_kam, plan: _Plan, f: ScoringInputs, i: int, cfg: BiCMConfig) -> GroundingResult:  # noqa: ANN001
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     return GroundingResult(
         query=query,
         box=box,
         score=float(fused[chosen].max()),
         selected=chosen,
-        candidates=Candidates(
-            boxes=cand.boxes.cpu(),
-            class_names=cand.class_names,
-            qam_index=cand.qam_index,
-            s_pq=None if cand.s_pq is None else cand.s_pq.cpu(),
-            s_cq=None if cand.s_cq is None else cand.s_cq.cpu(),
-            s_td=None if cand.s_td is None else cand.s_td.cpu(),
-            fused=fused.cpu(),
-            s_kam=None if s_kam is None else s_kam.cpu(),
+        candidates=replace(
+            cand, boxes=cand.boxes.cpu(), s_pq=cpu(cand.s_pq), s_cq=cpu(cand.s_cq), s_td=cpu(cand.s_td), fused=fused.cpu(), s_kam=cpu(s_kam)
         ),
         attention_raw=None if plan.maps is None else plan.maps.raw[i].cpu(),
         attention=None if plan.maps is None else plan.maps.normalized[i].cpu(),

@@ -337,7 +337,7 @@ def _report(summary: dict, run_dir: Path, summary_json: Optional[Path], feature_
 def train_clip_command(
     out: Path = typer.Option(Path("shapes-clip.safetensors"), "--out", "-o", help="Weights file to write (safetensors); card, curves and history beside it."),
     seed: int = typer.Option(0, help="Seed of the data and the initialisation."),
-    steps: int = typer.Option(2600, help="Optimisation steps (batch 256; ~1.65 s each on a 2-core CPU)."),
+    steps: int = typer.Option(2600, help="Optimisation steps (batch 256; times measured in benchmarks/README.md)."),
     batch_size: int = typer.Option(256, help="Pairs per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
     scenes: int = typer.Option(14000, help="Scenes in the image pool."),
@@ -387,13 +387,13 @@ def train_clip_command(
 def train_detector_command(
     out: Path = typer.Option(Path("shapes-detector.safetensors"), "--out", "-o", help="Weights file to write (safetensors); JSON and markdown cards and the loss history beside it."),
     seed: int = typer.Option(0, help="Seed of the initialisation, the data order and the flips."),
-    steps: int = typer.Option(4000, help="Optimisation steps (batch 4; ~0.7 s each measured on a busy 2-core CPU, so ~50 min or less in all)."),
+    steps: int = typer.Option(4000, help="Optimisation steps (batch 4; times measured in benchmarks/README.md)."),
     batch_size: int = typer.Option(4, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
     train_images: int = typer.Option(3000, help="Train images used from each protocol (the world has 3,000 each)."),
     eval_images: int = typer.Option(200, help="Test scenes of each protocol for the card's recall and AP (0: none)."),
     root: Optional[Path] = typer.Option(None, help="Folder of the shapes world (written when missing) [default: ~/.cache/bicm/shapes-v2]."),
-    threads: int = typer.Option(2, help="CPU threads (use 1 while other jobs share the CPU: 2 threads then stall, ~10x slower)."),
+    threads: int = typer.Option(2, help="CPU threads (use 1 while other jobs share the CPU; see benchmarks/README.md)."),
     save_every: int = typer.Option(200, help="Save the resumable training state every N steps (0: only on Ctrl-C)."),
 ) -> None:
     """Train the shapes-world detector (Faster R-CNN from scratch on boxes and shape names) for '--proposals shapes-detector'."""
@@ -692,7 +692,7 @@ def proposals_extract(
                     found.meta["image_size"] = [pil.width, pil.height]
                     found.meta["versions"] = versions()
                     out.add(key, found)
-                except _Err as exc:  # one bad image must not stop a dataset
+                except BicmError as exc:  # one bad image must not stop a dataset
                     failed.append(f"{key}: {exc}")
                 progress.advance(task)
     for line in failed[:10]:
@@ -704,7 +704,6 @@ def proposals_extract(
 
 
 def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:
-    from .errors import BicmError as _Err
 
     found: list[tuple[str, Path]] = []
     for path in paths:
@@ -716,12 +715,12 @@ def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:
 
             found.append((path.name, regular_file(path, "image")))
         else:
-            raise _Err(f"no such image or folder: {path}")
+            raise BicmError(f"no such image or folder: {path}")
     keys = [k for k, _ in found]
     if len(set(keys)) != len(keys):
-        raise _Err("two images would get the same name in the output; pass one folder instead of loose files")
+        raise BicmError("two images would get the same name in the output; pass one folder instead of loose files")
     if not found:
-        raise _Err("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+        raise BicmError("no images found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
     return found
 
 

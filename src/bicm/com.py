@@ -22,7 +22,6 @@ import torch
 
 from .backbone import Backbone
 from .errors import BicmError
-from .preprocess import PreprocessSpec, preprocess_many
 
 __all__ = ["s_pq", "s_cq", "bottom_up", "borrowed_names", "qam_s_pq", "ClassNameEncoder"]
 

@@ -10,8 +10,8 @@ where the proposals carry none and the model was trained without them), ``fq`` t
 
 Training (:func:`train_kam`) reads pseudo labels (made by :mod:`bicm.pseudo`), never CLIP:
 the loss is the softmax cross-entropy over the candidate boxes of each pair with the
-pseudo-labelled box as the target (the loss of Hu et al. 2016 that the paper cites; GUIDE
-§2), on the MLP's pre-sigmoid outputs. Adam, lr 1e-4, 50 epochs (Sec. 4.1), seeded.
+pseudo-labelled box as the target (the loss of Hu et al. 2016 that the paper cites), on the
+MLP's pre-sigmoid outputs. Adam, lr 1e-4, 50 epochs (Sec. 4.1), seeded.
 
 A trained model is a safetensors file whose metadata holds its config and the fingerprint
 of the backbone whose features it learned (:meth:`KamModel.check_backbone` refuses any

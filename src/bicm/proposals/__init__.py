@@ -7,11 +7,11 @@ happen where data enters (:meth:`Proposals.from_xywh`, the detections file reade
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
 import torch
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, clip_boxes_to_image, remove_small_boxes
 
 from ..errors import BicmError
 
@@ -102,11 +102,11 @@ class Proposals:
         names = None if self.class_names is None else [self.class_names[i] for i in index.tolist()]
         scores = None if self.scores is None else self.scores[index]
         name_scores = None if self.name_scores is None else self.name_scores[index]
-        return Proposals(self.boxes[index], scores, names, self.source, dict(self.meta), name_scores)
+        return replace(self, boxes=self.boxes[index], scores=scores, class_names=names, meta=dict(self.meta), name_scores=name_scores)
 
     def with_names(self, names: list[Optional[str]], name_scores: Optional[torch.Tensor] = None) -> "Proposals":
         """A copy with these class names (and their confidences)."""
-        return Proposals(self.boxes, self.scores, names, self.source, dict(self.meta), name_scores)
+        return replace(self, class_names=names, meta=dict(self.meta), name_scores=name_scores)
 
     def sanitize(self, width: int, height: int, min_size: float = 1.0) -> "Sanitized":
         """Clip boxes to the image and drop degenerate ones.
@@ -115,17 +115,13 @@ class Proposals:
         width or height is below ``min_size`` pixels (including boxes fully outside).
         """
         b = self.boxes
-        clipped = b.clone()
-        clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
-        clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+        clipped = clip_boxes_to_image(b, (height, width))
         changed = (clipped != b).any(dim=1)
         inverted = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
-        w = clipped[:, 2] - clipped[:, 0]
-        h = clipped[:, 3] - clipped[:, 1]
-        keep = (~inverted) & (w >= min_size) & (h >= min_size)
-        kept = Proposals(clipped, self.scores, self.class_names, self.source, dict(self.meta), self.name_scores).subset(
-            keep.nonzero().flatten()
-        )
+        keep = torch.zeros(len(self), dtype=torch.bool)
+        keep[remove_small_boxes(clipped, min_size)] = True  # width and height >= min_size
+        keep &= ~inverted
+        kept = replace(self, boxes=clipped, meta=dict(self.meta)).subset(keep.nonzero().flatten())
         return Sanitized(kept, n_clipped=int((changed & keep).sum()), n_dropped=int((~keep).sum()))
 
 
