@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from bicm.api import BiCMConfig, Grounder
+from bicm import BiCMConfig, Grounder
 from bicm.errors import BicmError
 from bicm.kam import KamConfig, KamMLP, KamModel, KamPair, kam_inputs, pair_loss, train_kam
 from bicm.pseudo import best_queries

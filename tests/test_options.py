@@ -103,3 +103,20 @@ def test_help_does_not_import_torch():
     code = "import sys; from bicm import cli, options, config; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_from_pretrained_takes_proposals_and_naming_by_name():
+    """One construction path: the source and the naming are the Grounder's, no patching."""
+    from bicm import Grounder
+    from bicm.shapes.examples import example_image, example_queries
+
+    grounder = Grounder.from_pretrained("shapes", device="cpu", proposals="selective-search", name_with="shapes")
+    result = grounder.ground(example_image(), example_queries()[0])
+    assert result.proposal_source.startswith("selective-search")
+    assert any(note == "proposals named by CLIP over shapes" for note in result.notes)
+    proposals = [n for i, n in enumerate(result.candidates.class_names) if i != result.candidates.qam_index]
+    assert proposals and all(n is not None for n in proposals)
+    assert result.candidates.s_cq is not None  # COM used the class names CLIP gave
+    # given boxes still take precedence over the Grounder's own source
+    given = grounder.ground(example_image(), example_queries()[0], [[0, 0, 20, 20]])
+    assert given.proposal_source == "user"
