@@ -15,7 +15,7 @@ from PIL import Image
 from bicm import BicmError, BicmWarning, Grounder
 from bicm.backbone import PreprocessSpec, encode_tokens, load_backbone, preprocess, preprocess_many, save_checkpoint
 
-from .conftest import TINY_RESNET_CFG, draw_scene, make_backbone, make_model
+from .helpers import TINY_RESNET_CFG, draw_scene, make_backbone, make_model
 
 
 def noise_image(width, height, seed=0):

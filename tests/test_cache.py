@@ -12,7 +12,7 @@ from bicm import BicmWarning, Grounder
 from bicm.cache import FeatureCache
 from bicm.proposals.selective import SelectiveSearch
 
-from .conftest import SCENE_BOXES, draw_scene, make_backbone
+from .helpers import SCENE_BOXES, draw_scene, make_backbone
 
 
 def test_round_trip(tmp_path):

@@ -11,25 +11,8 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from bicm.cli import app
-
-from .conftest import SCENE_BOXES
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("bicm: error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from .helpers import SCENE_BOXES, assert_user_error, run
 
 
 def test_ground_json_and_picture(scene_files, tiny_checkpoint, tmp_path):
@@ -155,7 +138,7 @@ def test_console_script_runs_the_readme_command(tmp_path):
     """The done-when command, through the installed console script, with an OpenAI-style .pt."""
     import open_clip
 
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,13 +22,13 @@ from bicm.interrupt import Interrupted, deferred, resumable, resume_command
 from bicm.shapes import train as train_module
 from bicm.shapes.train import TrainConfig, state_path, train_clip
 
-from .test_evaluate import file_eval
+from .helpers import BICM, file_eval, run_bicm
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "bicm.cli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [*BICM, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True, env=env,
         # as from a terminal: a runner started in the background (``cmd &`` without job control)
         # passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt
@@ -108,7 +108,7 @@ def test_ctrl_c_during_train_clip_saves_the_state_and_the_same_command_resumes(t
     assert 1 <= step < 8 and len(state["history"]) == step
     assert not out.exists()
 
-    again = subprocess.run([sys.executable, "-m", "bicm.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = run_bicm(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from step {step}" in again.stderr
     assert out.exists() and not state_path(out).exists()
@@ -230,7 +230,7 @@ def test_ctrl_c_during_pseudo_label_and_train_kam_keeps_the_work_and_the_same_co
     line = assert_clean_interrupt(code, stderr, "train-kam")
     assert "training state after epoch" in line and str(state) in line and not model.exists()
     epoch = int(torch.load(state, weights_only=True)["epoch"])
-    again = subprocess.run([sys.executable, "-m", "bicm.cli", *train], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = run_bicm(train, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from epoch {epoch}" in again.stderr
     assert model.exists() and not state.exists()

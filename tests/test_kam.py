@@ -17,7 +17,7 @@ from bicm.errors import BicmError
 from bicm.kam import KamConfig, KamMLP, KamModel, KamPair, kam_inputs, pair_loss, train_kam
 from bicm.pseudo import best_queries
 
-from .conftest import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
+from .helpers import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
 
 
 def test_mlp_is_fig3_fc_bn_relu_twice_then_fc_and_sigmoid():

@@ -17,8 +17,7 @@ from bicm.api import DEFAULT_MAX_PROPOSALS, DEFAULT_WORK_PIXELS
 from bicm.imageio import DEFAULT_MAX_PIXELS, load_image
 from bicm.proposals.sources import ProposalSource, make_source
 
-from .conftest import SCENE_BOXES, draw_scene, make_backbone
-from .test_hostile import bomb_png
+from .helpers import SCENE_BOXES, bomb_png, draw_scene, make_backbone
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_dataset_readers_refuse_a_malicious_pickle(tmp_path, name):
 
 
 def test_the_cli_refuses_a_malicious_checkpoint_in_one_line(tmp_path):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     marker = tmp_path / "MARKER"
     ckpt = tmp_path / "evil.pt"
@@ -230,7 +230,7 @@ def test_a_torchscript_checkpoint_is_read_without_running_its_code(evil_torchscr
 
 @pytest.mark.parametrize("command", ["ground", "serve"])
 def test_the_cli_never_runs_a_torchscript_checkpoint(evil_torchscript, tmp_path, command):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     marker, archives = evil_torchscript
     draw_scene().save(tmp_path / "img.png")
@@ -444,7 +444,7 @@ CLI_PATH_CASES = {
 
 @pytest.mark.parametrize("case", list(CLI_PATH_CASES))
 def test_the_cli_refuses_a_fifo_in_one_line(tmp_path, case):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     img = tmp_path / "img.png"
     draw_scene().save(img)
@@ -610,7 +610,7 @@ BAD_NUMBERS = [
 
 
 def _base_args(command: str, tmp_path: Path) -> list[str]:
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     image = tmp_path / "img.png"
     draw_scene().save(image)
@@ -651,7 +651,7 @@ def test_finite_json_never_writes_nan_or_infinity():
 def test_ground_json_output_is_strict_json(tmp_path, tiny_checkpoint):
     import json
 
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     draw_scene().save(tmp_path / "img.png")
     result = CliRunner().invoke(app, ["ground", str(tmp_path / "img.png"), "a red ball", "--checkpoint", str(tiny_checkpoint),
@@ -694,7 +694,7 @@ def test_pathological_detections_end_in_one_line(tmp_path, case):
 @pytest.mark.parametrize("case", ["deep", "huge-int"])
 @pytest.mark.parametrize("where", ["ground", "convert", "eval-jsonl"])
 def test_pathological_json_through_the_cli(tmp_path, case, where):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     draw_scene().save(tmp_path / "img.png")
     bad = DEEP if case == "deep" else HUGE_INT
@@ -815,7 +815,7 @@ def _output_cases(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("case", ["save-vis-a-folder", "save-vis-under-a-file", "save-vis-unknown-type", "save-vis-no-suffix"])
 def test_ground_refuses_an_unwritable_picture_before_the_work(tmp_path, case):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     draw_scene().save(tmp_path / "img.png")
     extra, expected = _output_cases(tmp_path)[case]
@@ -861,7 +861,7 @@ def test_a_picture_that_fails_to_write_keeps_the_printed_results(tmp_path, tiny_
 
     import bicm.viz
 
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -945,7 +945,7 @@ def test_dataset_image_paths_that_escape_the_image_folder_are_refused(tmp_path, 
 
     from bicm.data import load_dataset
 
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     (tmp_path / "images").mkdir()
     draw_scene().save(tmp_path / "images" / "ok.png")
@@ -988,7 +988,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(tmp_path):
 def test_a_half_written_image_resumes_to_the_same_bytes(tmp_path, tiny_checkpoint):
     import shutil
 
-    from .test_evaluate import file_eval
+    from .helpers import file_eval
 
     command = file_eval(tmp_path, tiny_checkpoint, 4)
     reference = CliRunner().invoke(app, command("ref", "none"))
@@ -1048,8 +1048,10 @@ def _asgi_upload(app, *, stall: bool, seconds: float = 20.0):
 def test_clients_that_leave_or_stall_mid_upload(tiny_backbone, stall):
     import time
 
-    from .test_serve import make_service
+    pytest.importorskip("starlette")
     from bicm.serve import create_app
+
+    from .helpers import make_service
 
     service = make_service(tiny_backbone, timeout_s=1.0)
     try:

@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -29,12 +28,9 @@ from bicm.api import Grounder  # noqa: E402
 from bicm.serve import DemoService, Example, MemoryFeatureCache, ServeLimits, _json_safe, create_app  # noqa: E402
 from bicm.shapes.examples import example_image, example_queries  # noqa: E402
 
+from .helpers import BICM, make_service  # noqa: E402
+
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-
-
-def make_service(tiny_backbone, **limits) -> DemoService:
-    example = Example("shapes", example_image(), tuple(example_queries()), "bundled scene")
-    return DemoService(Grounder(tiny_backbone), model_name="tiny", limits=ServeLimits(**limits), top_n=30, examples={"shapes": example})
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +316,7 @@ def live_server():
     ARTIFACTS.mkdir(exist_ok=True)
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bicm.cli", "serve", "--port", str(port), "--device", "cpu"],
+            [*BICM, "serve", "--port", str(port), "--device", "cpu"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -17,7 +17,7 @@ from bicm.shapes.dataset import PER_IMAGE, SPLITS, ensure_shapes, pick_expressio
 from bicm.shapes.world import (COLOURS, MAX_OCCLUDED, NUMBERS, POSITION_MARGIN, SHAPES, SIZE_RATIO, WORLD_VERSION,
                                expressions, iou, make_scene, render)
 
-from .conftest import SHARED_DATA
+from .helpers import SHARED_DATA
 
 
 def scenes(n=150, seed=0, profiles=("phrase", "ref")):
