@@ -42,6 +42,15 @@ TINY_RESNET_CFG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 1},
 }
 
+# A tiny ViT on OpenAI's conventions (64-wide heads in both towers, QuickGELU): a bare state
+# dict of it (the OpenAI-style .pt, no config) is read by shape like ViT-B-32's.
+TINY_OPENAI_VIT_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+}
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
