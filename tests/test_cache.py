@@ -46,6 +46,7 @@ def _writer(path, worker):
         cache.put_many({key: ({"f": torch.full((16,), float(i))}, {"i": i})})
 
 
+@pytest.mark.slow
 def test_several_processes_write_at_once(tmp_path):
     path = tmp_path / "c.sqlite"
     FeatureCache(path)

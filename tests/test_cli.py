@@ -308,6 +308,7 @@ def test_bad_options(scene_files, tiny_checkpoint, tmp_path):
     assert usage.exit_code == 2 and "Traceback" not in usage.stderr
 
 
+@pytest.mark.slow
 def test_console_script_runs_the_readme_command(tmp_path):
     """The done-when command, through the installed console script, with an OpenAI-style .pt
     (a bare state dict: the architecture is read from the tensor shapes, as for ViT-B-32's)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from typer.testing import CliRunner
 
 from bicm.cli import app
@@ -15,6 +16,7 @@ from bicm.shapes.dataset import ensure_shapes
 from .helpers import draw_scene, run_bicm
 
 
+@pytest.mark.slow
 def test_eval_twice_gives_byte_identical_predictions(tmp_path):
     root = ensure_shapes(tmp_path / "shapes", "ref", ("test",), counts={"test": 3})
 

@@ -77,6 +77,7 @@ def test_eval_end_to_end_with_every_row_from_one_pass(tmp_path, monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_eval_streaming_queries_in_chunks_gives_the_same_predictions(tmp_path):
     """query_chunk=1: every image's queries are scored one chunk at a time; same records."""
     from bicm.proposals.sources import make_source
@@ -144,6 +145,7 @@ def test_cli_eval_missing_images_are_reported_before_work(tmp_path, tiny_checkpo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_eval_shards_merge_to_the_full_run(tmp_path, tiny_checkpoint):
     data = make_dataset(tmp_path, n_images=4)
     (tmp_path / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
@@ -164,6 +166,7 @@ def test_cli_eval_shards_merge_to_the_full_run(tmp_path, tiny_checkpoint):
     assert other.exit_code == 2 and "other settings" in other.stderr
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_gives_the_same_numbers(tmp_path, tiny_checkpoint):
     n_images = 40
     total = 3 * n_images

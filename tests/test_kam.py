@@ -66,6 +66,7 @@ def _synthetic_pairs(n: int, seed: int, e: int = 8) -> list[KamPair]:
     return pairs
 
 
+@pytest.mark.slow
 def test_training_learns_the_labels_and_is_deterministic():
     train, held_out = _synthetic_pairs(200, 0), _synthetic_pairs(100, 1)
     cfg = KamConfig(hidden=32, epochs=20, lr=5e-3, batch_pairs=16, seed=3)

@@ -202,6 +202,7 @@ def evil_torchscript(tmp_path_factory):
     return marker, archives
 
 
+@pytest.mark.slow
 def test_the_evil_torchscript_archive_really_runs_code_under_torch_jit_load(evil_torchscript, tmp_path):
     """The control: the payload works, so the tests below prove something."""
     import subprocess
@@ -551,6 +552,7 @@ PEAK_GROWTH_MB = 64
 
 @pytest.mark.parametrize("container", BOMB_CONTAINERS)
 @pytest.mark.parametrize("bomb", list(MEMORY_BOMBS))
+@pytest.mark.slow
 def test_memory_bombs_from_allowed_names_are_refused_within_the_bound(tmp_path, bomb, container):
     import json
     import subprocess
@@ -1074,6 +1076,7 @@ def memo_reuse(calls: int = 20_000, size: int = 1 << 20, call: str = "c__builtin
 
 
 @pytest.mark.parametrize("call", ["c__builtin__\nbytearray\n", "c__builtin__\nlist\n", "c_codecs\nencode\n"])
+@pytest.mark.slow
 def test_memo_reuse_amplification_is_bounded(tmp_path, call):
     import json
     import subprocess

@@ -341,6 +341,7 @@ def live_server():
                 process.kill()
 
 
+@pytest.mark.slow
 def test_cli_serve_over_http(live_server):
     url, info = live_server
     assert info["model"] == "shapes" and info["naming"] == "shapes"
@@ -371,6 +372,7 @@ def _browser():
         return None, f"chromium did not start: {str(exc).splitlines()[0][:200]}"
 
 
+@pytest.mark.slow
 def test_browser_end_to_end(live_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

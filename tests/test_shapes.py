@@ -187,6 +187,7 @@ def test_other_world_versions_are_refused(tmp_path):
         load_dataset("shapes-phrase", "test", other)
 
 
+@pytest.mark.slow
 def test_train_clip_is_deterministic_and_loads_like_any_checkpoint(tmp_path):
     from bicm.shapes.train import TrainConfig, train_clip
 
@@ -276,6 +277,7 @@ def test_demo_grounds_every_phrase(tmp_path):
     assert [r["iou"] > 0.5 for r in records] == [True, True, True], records
 
 
+@pytest.mark.slow
 def test_train_clip_command(tmp_path):
     out = tmp_path / "clip.safetensors"
     result = CliRunner().invoke(
