@@ -17,7 +17,7 @@ from bicm.backbone import encode_tokens, load_backbone
 from bicm.checkpoints import save_checkpoint
 from bicm.preprocess import PreprocessSpec, preprocess, preprocess_many
 
-from .conftest import TINY_CFG, TINY_RESNET_CFG, draw_scene, make_backbone, make_model
+from .helpers import TINY_CFG, TINY_RESNET_CFG, draw_scene, make_backbone, make_model
 
 
 def noise_image(width, height, seed=0):
@@ -139,6 +139,7 @@ def save_torchscript(model, path):
         torch.jit.save(torch.jit.script(scripted_source), str(path))
 
 
+@pytest.mark.slow
 def test_checkpoint_formats_round_trip(vit_b32, probe, tmp_path):
     ref_img, ref_txt = features(vit_b32, probe)
     state = vit_b32.state_dict()
@@ -186,6 +187,7 @@ def test_checkpoint_formats_round_trip(vit_b32, probe, tmp_path):
     assert torch.equal(backbone_features(backbone, probe)[0], ref_img)
 
 
+@pytest.mark.slow
 def test_openai_state_dict_in_fp16_and_the_activation_question(vit_b32, probe, tmp_path):
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in vit_b32.state_dict().items()}
     path = tmp_path / "random-vit-b-32.pt"

@@ -12,7 +12,7 @@ from bicm import BicmWarning, Grounder
 from bicm.cache import SCHEMA_VERSION, CacheKey, FeatureCache
 from bicm.proposals.selective import SelectiveSearch
 
-from .conftest import SCENE_BOXES, draw_scene, make_backbone
+from .helpers import SCENE_BOXES, draw_scene, make_backbone
 
 
 def K(name: str) -> CacheKey:
@@ -50,6 +50,7 @@ def _writer(path, worker):
         cache.put_many({K(key): ({"f": torch.full((16,), float(i))}, {"i": i})})
 
 
+@pytest.mark.slow
 def test_several_processes_write_at_once(tmp_path):
     path = tmp_path / "c.sqlite"
     FeatureCache(path)

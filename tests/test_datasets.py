@@ -31,7 +31,8 @@ from bicm.data.flickr30k import parse_annotation_xml, parse_sentence
 from bicm.data.transvg import parse_split_name
 from bicm.errors import BicmError, BicmWarning
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .helpers import SHARED_DATA
+
 SPLITS_DIR = SHARED_DATA / "transvg-splits"
 FLICKR_LISTS = SHARED_DATA / "flickr30k-entities"
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from bicm.cli import app
 from bicm.provenance import versions
 from bicm.shapes.dataset import ensure_shapes
 
+from .helpers import draw_scene, run_bicm
 
+
+@pytest.mark.slow
 def test_eval_twice_gives_byte_identical_predictions(tmp_path):
     root = ensure_shapes(tmp_path / "shapes", "ref", ("test",), counts={"test": 3})
 
@@ -25,8 +27,7 @@ def test_eval_twice_gives_byte_identical_predictions(tmp_path):
 
     for out, seed, extra in (("a", "1", ["--no-cache"]), ("b", "2", ["--cache", str(tmp_path / "cache.sqlite")])):
         env = dict(os.environ, PYTHONHASHSEED=seed)  # different hash seeds: no set/dict-order luck
-        done = subprocess.run([sys.executable, "-m", "bicm.cli", *args(out, *extra)], capture_output=True, text=True,
-                              timeout=600, env=env)
+        done = run_bicm(args(out, *extra), env=env)
         assert done.returncode == 0, done.stderr[-2000:]
     warm = CliRunner().invoke(app, args("c", "--cache", str(tmp_path / "cache.sqlite")))  # from the feature cache
     assert warm.exit_code == 0, warm.stderr
@@ -45,8 +46,6 @@ def test_eval_twice_gives_byte_identical_predictions(tmp_path):
 
 
 def test_proposals_extract_records_say_what_made_them(tmp_path):
-    from .conftest import draw_scene
-
     draw_scene().save(tmp_path / "a.png")
     result = CliRunner().invoke(app, ["proposals", "extract", str(tmp_path / "a.png"), "-o", str(tmp_path / "p.jsonl")])
     assert result.exit_code == 0, result.stderr

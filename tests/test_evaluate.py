@@ -6,11 +6,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from bicm import BiCMConfig, BicmError, BicmWarning, Grounder
@@ -18,34 +16,7 @@ from bicm.cli import app
 from bicm.data import load_dataset
 from bicm.evaluate import MAIN_ROW, ablation_rows, markdown_table, run_eval, select_part, wilson_interval
 
-from .conftest import make_backbone
-
-COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-
-
-def make_dataset(root, n_images=4):
-    """Images with three coloured squares; one query per square, boxes exclusive xyxy."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n_images):
-        image = Image.new("RGB", (160 + 20 * i, 120), (60, 130, 70))
-        draw = ImageDraw.Draw(image)
-        for j, (name, colour) in enumerate(COLOURS.items()):
-            x = 10 + 50 * j
-            draw.rectangle((x, 30, x + 39, 69), fill=colour)
-            lines.append({"id": f"{i}-{name}", "image": f"{i}.png", "query": f"the {name} square", "box": [x, 30, x + 40, 70]})
-        image.save(root / "images" / f"{i}.png")
-    path = root / "data.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
-def dets_for(root, n_images=4, name="dets.json"):
-    boxes = [[10 + 50 * j, 30, 50 + 50 * j, 70] for j in range(3)] + [[0, 0, 40, 40]]
-    path = root / name
-    path.write_text(json.dumps({"box_format": "xyxy", "images": {f"{i}.png": {"boxes": boxes, "class_names": ["square"] * 4} for i in range(n_images)}}))
-    return path
-
+from .helpers import BICM, dets_for, eval_cli, file_eval, make_backbone, make_dataset
 
 def test_wilson_interval():
     lo, hi = wilson_interval(50, 100)
@@ -106,6 +77,7 @@ def test_eval_end_to_end_with_every_row_from_one_pass(tmp_path, monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_eval_streaming_queries_in_chunks_gives_the_same_predictions(tmp_path):
     """query_chunk=1: every image's queries are scored one chunk at a time; same records."""
     from bicm.proposals.sources import make_source
@@ -163,14 +135,6 @@ def test_markdown_puts_the_paper_beside_ours():
     assert "QAM+COM+SF+KAM (paper only)" in table and "61.46" in table
 
 
-def eval_cli(tmp_path, data, *extra):
-    return [
-        "eval", "--dataset", "jsonl", "--split", "test", "--annotations", str(data), "--images", str(tmp_path / "images"),
-        "--checkpoint", str(tmp_path / "tiny.safetensors"), "--proposals", str(dets_for(tmp_path, 6)),
-        "--cache", str(tmp_path / "cache.sqlite"), "--no-progress", *extra,
-    ]
-
-
 def test_cli_eval_missing_images_are_reported_before_work(tmp_path, tiny_checkpoint):
     data = make_dataset(tmp_path, n_images=3)
     (tmp_path / "images" / "1.png").unlink()
@@ -181,6 +145,7 @@ def test_cli_eval_missing_images_are_reported_before_work(tmp_path, tiny_checkpo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_eval_shards_merge_to_the_full_run(tmp_path, tiny_checkpoint):
     data = make_dataset(tmp_path, n_images=4)
     (tmp_path / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
@@ -201,21 +166,7 @@ def test_cli_eval_shards_merge_to_the_full_run(tmp_path, tiny_checkpoint):
     assert other.exit_code == 2 and "other settings" in other.stderr
 
 
-def file_eval(tmp_path, tiny_checkpoint, n_images):
-    """A dataset of ``n_images`` (3 queries each) with proposals from a detections file; returns
-    ``command(out, ablation)``: the ``bicm eval`` arguments of a run into ``tmp_path / out``."""
-    data = make_dataset(tmp_path, n_images=n_images)
-    dets = dets_for(tmp_path, n_images, "dets-all.json")  # eval_cli's own dets.json covers 6 images
-    (tmp_path / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
-
-    def command(out: str, ablation: str = "table4") -> list[str]:
-        args = eval_cli(tmp_path, data, "--out", str(tmp_path / out), "--ablation", ablation, "--no-cache")
-        args[args.index("--proposals") + 1] = str(dets)
-        return args
-
-    return command
-
-
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_gives_the_same_numbers(tmp_path, tiny_checkpoint):
     n_images = 40
     total = 3 * n_images
@@ -226,7 +177,7 @@ def test_kill_minus_nine_then_resume_gives_the_same_numbers(tmp_path, tiny_check
     assert "could not be evaluated" not in reference.stderr
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bicm.cli", *command("run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        [*BICM, *command("run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     predictions = tmp_path / "run" / "predictions.jsonl"
     deadline = time.time() + 240

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,13 +9,7 @@ from hypothesis import strategies as st
 
 from bicm.fusion import box_means, fuse, integral_image, select, union_box
 
-
-def brute_force_mean(m: torch.Tensor, box) -> float:
-    h, w = m.shape
-    x1, y1, x2, y2 = box
-    c0, r0 = min(max(0, math.floor(x1)), w - 1), min(max(0, math.floor(y1)), h - 1)
-    c1, r1 = max(c0 + 1, min(w, math.ceil(x2))), max(r0 + 1, min(h, math.ceil(y2)))
-    return float(m[r0:r1, c0:c1].double().mean())
+from .helpers import brute_force_mean
 
 
 boxes_strategy = st.lists(

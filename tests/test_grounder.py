@@ -8,7 +8,7 @@ import torch
 from bicm import BiCMConfig, BicmError, BicmWarning, Grounder, Proposals
 from bicm.crops import crop, crop_pixels, encode_crops
 
-from .conftest import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
+from .helpers import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
 
 QUERIES = ["a red square", "the blue ball on the right", "grass"]
 

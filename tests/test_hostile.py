@@ -12,8 +12,6 @@ import io
 import json
 import math
 import signal
-import struct
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,7 @@ from bicm import BicmError, Grounder
 from bicm.cli import app
 from bicm.proposals.sources import make_source
 
-from .conftest import draw_scene, make_backbone
+from .helpers import bomb_png, draw_scene, make_backbone
 
 QUERY = "the red square"
 GOOD_BOXES = [[20.0, 30.0, 91.0, 101.0], [200.0, 120.0, 281.0, 201.0]]
@@ -43,17 +41,6 @@ def _scene(width: int = 120, height: int = 90) -> Image.Image:
     draw = ImageDraw.Draw(image)
     draw.rectangle((5, 5, max(5, width // 3), max(5, height // 3)), fill=(220, 30, 30))
     return image
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` RGB pixels but carries one tiny row."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 def save(image: Image.Image, fmt: str, **kwargs) -> bytes:

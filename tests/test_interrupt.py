@@ -22,13 +22,13 @@ from bicm.interrupt import Interrupted, deferred, resumable, resume_command
 from bicm.shapes import train as train_module
 from bicm.shapes.train import TrainConfig, state_path, train_clip
 
-from .test_evaluate import file_eval
+from .helpers import BICM, file_eval, run_bicm
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "bicm.cli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [*BICM, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True, env=env,
         # as from a terminal: a runner started in the background (``cmd &`` without job control)
         # passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt
@@ -68,6 +68,7 @@ def assert_clean_interrupt(code: int, stderr: str, command: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_eval_keeps_the_finished_queries_and_resumes(tmp_path, tiny_checkpoint):
     n_images = 24
     total = 3 * n_images
@@ -95,6 +96,7 @@ def test_ctrl_c_during_eval_keeps_the_finished_queries_and_resumes(tmp_path, tin
 TRAIN_ARGS = ["--steps", "8", "--batch-size", "8", "--scenes", "40", "--singles", "40", "--threads", "2", "--save-every", "1"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_train_clip_saves_the_state_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "clip.safetensors"
     args = ["train-clip", "--out", str(out), *TRAIN_ARGS]
@@ -108,7 +110,7 @@ def test_ctrl_c_during_train_clip_saves_the_state_and_the_same_command_resumes(t
     assert 1 <= step < 8 and len(state["history"]) == step
     assert not out.exists()
 
-    again = subprocess.run([sys.executable, "-m", "bicm.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = run_bicm(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from step {step}" in again.stderr
     assert out.exists() and not state_path(out).exists()
@@ -132,6 +134,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["after-step", "inside-step"])
+@pytest.mark.slow
 def test_an_interrupted_and_resumed_training_gives_the_same_weights(tmp_path, uninterrupted, monkeypatch, where):
     out = tmp_path / "clip.safetensors"
     calls = {"n": 0}
@@ -206,6 +209,7 @@ def shapes_world(tmp_path_factory):
     return ensure_shapes(tmp_path_factory.mktemp("shapes"), "ref", ("train",), counts={"train": 8})
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_pseudo_label_and_train_kam_keeps_the_work_and_the_same_commands_resume(tmp_path, shapes_world):
     run_dir, model = tmp_path / "pl", tmp_path / "kam.safetensors"
     label = ["pseudo-label", "--dataset", "shapes-ref", "--annotations", str(shapes_world), "--out", str(run_dir),
@@ -230,7 +234,7 @@ def test_ctrl_c_during_pseudo_label_and_train_kam_keeps_the_work_and_the_same_co
     line = assert_clean_interrupt(code, stderr, "train-kam")
     assert "training state after epoch" in line and str(state) in line and not model.exists()
     epoch = int(torch.load(state, weights_only=True)["epoch"])
-    again = subprocess.run([sys.executable, "-m", "bicm.cli", *train], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = run_bicm(train, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from epoch {epoch}" in again.stderr
     assert model.exists() and not state.exists()

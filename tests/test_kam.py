@@ -17,7 +17,7 @@ from bicm.errors import BicmError
 from bicm.kam import KamConfig, KamMLP, KamModel, KamPair, kam_inputs, pair_loss, train_kam
 from bicm.pseudo import best_queries
 
-from .conftest import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
+from .helpers import SCENE_BOXES, SCENE_NAMES, draw_scene, make_backbone
 
 
 def test_mlp_is_fig3_fc_bn_relu_twice_then_fc_and_sigmoid():
@@ -66,6 +66,7 @@ def _synthetic_pairs(n: int, seed: int, e: int = 8) -> list[KamPair]:
     return pairs
 
 
+@pytest.mark.slow
 def test_training_learns_the_labels_and_is_deterministic():
     train, held_out = _synthetic_pairs(200, 0), _synthetic_pairs(100, 1)
     cfg = KamConfig(hidden=32, epochs=20, lr=5e-3, batch_pairs=16, seed=3)

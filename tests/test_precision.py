@@ -19,7 +19,7 @@ from bicm.errors import BicmError
 from bicm.preprocess import preprocess
 from bicm.qam import compute_maps
 
-from .conftest import draw_scene, make_backbone
+from .helpers import draw_scene, make_backbone
 
 
 def test_resolve_precision(monkeypatch):
@@ -92,7 +92,7 @@ def test_fast_tower_computes_the_same_function(quick_gelu):
 
     from bicm.tower import _PatchProjection, fast_image_tower
 
-    from .conftest import TINY_CFG, make_model
+    from .helpers import TINY_CFG, make_model
 
     model = make_model({**TINY_CFG, "quick_gelu": quick_gelu})
     visual = model.visual
@@ -130,7 +130,7 @@ def test_fused_activation_of_the_bf16_cpu_tower(monkeypatch):
     from bicm import tower as bb
     from bicm.tower import _LinearSiLU, fast_image_tower
 
-    from .conftest import make_model
+    from .helpers import make_model
 
     visual = make_model().visual  # QuickGELU
     pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))

@@ -19,6 +19,8 @@ from bicm.fusion import SELECTION_POLICIES, box_means, fuse, integral_image, sel
 from bicm.proposals import Proposals
 from bicm.qam import normalize, threshold_box
 
+from .helpers import brute_force_mean
+
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 coord = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False, width=32)
@@ -164,14 +166,6 @@ def test_threshold_box_holds_the_hot_pixels(values, threshold, rule):
 # --------------------------------------------------------------------------------------
 # bicm.fusion: integral_image, box_means, fuse, select
 # --------------------------------------------------------------------------------------
-def brute_force_mean(m: np.ndarray, b) -> float:
-    h, w = m.shape
-    x1, y1, x2, y2 = b
-    c0, r0 = min(max(0, math.floor(x1)), w - 1), min(max(0, math.floor(y1)), h - 1)
-    c1, r1 = max(c0 + 1, min(w, math.ceil(x2))), max(r0 + 1, min(h, math.ceil(y2)))
-    return float(m[r0:r1, c0:c1].astype(np.float64).mean())
-
-
 @SETTINGS
 @given(maps_strategy(), st.lists(small_box, min_size=1, max_size=8))
 def test_box_means_equal_the_brute_force_mean_for_any_box(maps, boxes):

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from bicm import BicmError, BicmWarning, Proposals
-from bicm.cli import app
 from bicm.proposals.files import DetectionsAppender, read_proposals_file, write_detections
 from bicm.proposals.naming import Vocabulary
 from bicm.proposals.formats import detect_format, read_bottom_up_tsv, write_bottom_up_tsv, write_reclip
 
-from .conftest import draw_scene
+from .helpers import draw_scene, run
 
 
 def entries():
@@ -148,10 +146,6 @@ def test_appender_resumes_and_drops_a_cut_line(tmp_path):
 # ---------------------------------------------------------------------------------------
 # CLI: extract (resumable, bad images skipped) and convert
 # ---------------------------------------------------------------------------------------
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_extract_skips_bad_images_and_resumes(tmp_path):
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)

@@ -15,7 +15,7 @@ from bicm.proposals.naming import ClipNamer, Vocabulary
 from bicm.proposals.selective import SelectiveSearch
 from bicm.proposals.sources import ORACLE_ID, ProposalSource, available_sources, make_source
 
-from .conftest import SCENE_BOXES, draw_scene, make_backbone
+from .helpers import SCENE_BOXES, draw_scene, make_backbone
 
 OBJECTS = [  # (shape, box, colour) on a noisy background
     ("rect", (30, 40, 110, 120), (220, 40, 40)),

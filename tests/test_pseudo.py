@@ -42,6 +42,7 @@ def _run(grounder, data, out, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_pseudo_labels_are_the_pairs_above_thr_k_with_their_features(tmp_path, world, grounder):
     data = shapes_unpaired(world, "shapes-ref", reveal_truth=True)
     summary = _run(grounder, data, tmp_path / "run", thr_k=1.0, features_above=0.5)
@@ -71,6 +72,7 @@ def test_pseudo_labels_are_the_pairs_above_thr_k_with_their_features(tmp_path, w
         read_kam_pairs(tmp_path / "run", thr_k=0.4)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_pairs(tmp_path, world, grounder):
     data = shapes_unpaired(world, "shapes-ref", reveal_truth=False)
     _run(grounder, data, tmp_path / "full", thr_k=0.9)
@@ -129,6 +131,7 @@ def test_features_above_must_not_exceed_thr_k(tmp_path, world, grounder):
         _run(grounder.with_config(components=("qam",)), data, tmp_path / "y")
 
 
+@pytest.mark.slow
 def test_cli_pseudo_label_train_kam_ground_and_eval(tmp_path, world, tiny_checkpoint):
     run_dir, model = tmp_path / "pl", tmp_path / "kam.safetensors"
     shapes = ["--model", "shapes", "--name-with", "shapes", "--top-n", "30", "--no-cache"]

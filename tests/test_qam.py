@@ -21,7 +21,7 @@ from bicm.qam import (
     vision_prefix,
 )
 
-from .conftest import draw_scene, make_backbone, make_model
+from .helpers import draw_scene, make_backbone, make_model
 
 
 def plain_alpha(model, pixels, text):

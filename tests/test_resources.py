@@ -17,8 +17,7 @@ from bicm.config import DEFAULT_MAX_PROPOSALS, DEFAULT_WORK_PIXELS, Needs
 from bicm.imageio import DEFAULT_MAX_PIXELS, load_image
 from bicm.proposals.sources import ProposalSource, make_source
 
-from .conftest import SCENE_BOXES, draw_scene, make_backbone
-from .test_hostile import bomb_png
+from .helpers import SCENE_BOXES, bomb_png, draw_scene, make_backbone
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +137,7 @@ def test_cli_with_ten_thousand_proposals_uses_the_default_cap(tmp_path, tiny_che
     assert len(record["candidates"]) == 1001  # 1000 proposals + QAM's box
 
 
+@pytest.mark.slow
 def test_a_100_megapixel_image_is_downscaled_in_bounded_memory(tmp_path, tiny_checkpoint):
     big = Image.new("RGB", (10_000, 10_000), (40, 140, 60))
     ImageDraw.Draw(big).rectangle((2000, 3000, 4999, 5999), fill=(220, 30, 30))

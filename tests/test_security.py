@@ -103,7 +103,7 @@ def test_dataset_readers_refuse_a_malicious_pickle(tmp_path, name):
 
 
 def test_the_cli_refuses_a_malicious_checkpoint_in_one_line(tmp_path):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     marker = tmp_path / "MARKER"
     ckpt = tmp_path / "evil.pt"
@@ -202,6 +202,7 @@ def evil_torchscript(tmp_path_factory):
     return marker, archives
 
 
+@pytest.mark.slow
 def test_the_evil_torchscript_archive_really_runs_code_under_torch_jit_load(evil_torchscript, tmp_path):
     """The control: the payload works, so the tests below prove something."""
     import subprocess
@@ -230,7 +231,7 @@ def test_a_torchscript_checkpoint_is_read_without_running_its_code(evil_torchscr
 
 @pytest.mark.parametrize("command", ["ground", "serve"])
 def test_the_cli_never_runs_a_torchscript_checkpoint(evil_torchscript, tmp_path, command):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     marker, archives = evil_torchscript
     draw_scene().save(tmp_path / "img.png")
@@ -444,7 +445,7 @@ CLI_PATH_CASES = {
 
 @pytest.mark.parametrize("case", list(CLI_PATH_CASES))
 def test_the_cli_refuses_a_fifo_in_one_line(tmp_path, case):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     img = tmp_path / "img.png"
     draw_scene().save(img)
@@ -551,6 +552,7 @@ PEAK_GROWTH_MB = 64
 
 @pytest.mark.parametrize("container", BOMB_CONTAINERS)
 @pytest.mark.parametrize("bomb", list(MEMORY_BOMBS))
+@pytest.mark.slow
 def test_memory_bombs_from_allowed_names_are_refused_within_the_bound(tmp_path, bomb, container):
     import json
     import subprocess
@@ -610,7 +612,7 @@ BAD_NUMBERS = [
 
 
 def _base_args(command: str, tmp_path: Path) -> list[str]:
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     image = tmp_path / "img.png"
     draw_scene().save(image)
@@ -651,7 +653,7 @@ def test_finite_json_never_writes_nan_or_infinity():
 def test_ground_json_output_is_strict_json(tmp_path, tiny_checkpoint):
     import json
 
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     draw_scene().save(tmp_path / "img.png")
     result = CliRunner().invoke(app, ["ground", str(tmp_path / "img.png"), "a red ball", "--checkpoint", str(tiny_checkpoint),
@@ -694,7 +696,7 @@ def test_pathological_detections_end_in_one_line(tmp_path, case):
 @pytest.mark.parametrize("case", ["deep", "huge-int"])
 @pytest.mark.parametrize("where", ["ground", "convert", "eval-jsonl"])
 def test_pathological_json_through_the_cli(tmp_path, case, where):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     draw_scene().save(tmp_path / "img.png")
     bad = DEEP if case == "deep" else HUGE_INT
@@ -815,7 +817,7 @@ def _output_cases(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("case", ["save-vis-a-folder", "save-vis-under-a-file", "save-vis-unknown-type", "save-vis-no-suffix"])
 def test_ground_refuses_an_unwritable_picture_before_the_work(tmp_path, case):
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     draw_scene().save(tmp_path / "img.png")
     extra, expected = _output_cases(tmp_path)[case]
@@ -861,7 +863,7 @@ def test_a_picture_that_fails_to_write_keeps_the_printed_results(tmp_path, tiny_
 
     import bicm.viz
 
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -949,7 +951,7 @@ def test_dataset_image_paths_that_escape_the_image_folder_are_refused(tmp_path, 
 
     from bicm.data import load_dataset
 
-    from .conftest import draw_scene
+    from .helpers import draw_scene
 
     (tmp_path / "images").mkdir()
     draw_scene().save(tmp_path / "images" / "ok.png")
@@ -992,7 +994,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(tmp_path):
 def test_a_half_written_image_resumes_to_the_same_bytes(tmp_path, tiny_checkpoint):
     import shutil
 
-    from .test_evaluate import file_eval
+    from .helpers import file_eval
 
     command = file_eval(tmp_path, tiny_checkpoint, 4)
     reference = CliRunner().invoke(app, command("ref", "none"))
@@ -1052,8 +1054,10 @@ def _asgi_upload(app, *, stall: bool, seconds: float = 20.0):
 def test_clients_that_leave_or_stall_mid_upload(tiny_backbone, stall):
     import time
 
-    from .test_serve import make_service
+    pytest.importorskip("starlette")
     from bicm.serve import create_app
+
+    from .helpers import make_service
 
     service = make_service(tiny_backbone, timeout_s=1.0)
     try:
@@ -1076,6 +1080,7 @@ def memo_reuse(calls: int = 20_000, size: int = 1 << 20, call: str = "c__builtin
 
 
 @pytest.mark.parametrize("call", ["c__builtin__\nbytearray\n", "c__builtin__\nlist\n", "c_codecs\nencode\n"])
+@pytest.mark.slow
 def test_memo_reuse_amplification_is_bounded(tmp_path, call):
     import json
     import subprocess

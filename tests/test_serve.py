@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -32,12 +31,9 @@ from bicm.cache import CacheKey, MemoryFeatureCache  # noqa: E402
 from bicm.service import DemoService, Example, ServeLimits  # noqa: E402
 from bicm.shapes.examples import example_image, example_queries  # noqa: E402
 
+from .helpers import BICM, make_service  # noqa: E402
+
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-
-
-def make_service(tiny_backbone, **limits) -> DemoService:
-    example = Example("shapes", example_image(), tuple(example_queries()), "bundled scene")
-    return DemoService(Grounder(tiny_backbone), model_name="tiny", limits=ServeLimits(**limits), top_n=30, examples={"shapes": example})
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +320,7 @@ def live_server():
     ARTIFACTS.mkdir(exist_ok=True)
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bicm.cli", "serve", "--port", str(port), "--device", "cpu"],
+            [*BICM, "serve", "--port", str(port), "--device", "cpu"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -349,6 +345,7 @@ def live_server():
                 process.kill()
 
 
+@pytest.mark.slow
 def test_cli_serve_over_http(live_server):
     url, info = live_server
     assert info["model"] == "shapes" and info["naming"] == "shapes"
@@ -379,6 +376,7 @@ def _browser():
         return None, f"chromium did not start: {str(exc).splitlines()[0][:200]}"
 
 
+@pytest.mark.slow
 def test_browser_end_to_end(live_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

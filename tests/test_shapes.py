@@ -18,7 +18,7 @@ from bicm.shapes.dataset import PER_IMAGE, SPLITS, ensure_shapes, pick_expressio
 from bicm.shapes.world import (COLOURS, MAX_OCCLUDED, NUMBERS, POSITION_MARGIN, SHAPES, SIZE_RATIO, WORLD_VERSION,
                                expressions, iou, make_scene, render)
 
-from .conftest import SHARED_DATA
+from .helpers import SHARED_DATA
 
 
 def scenes(n=150, seed=0, profiles=("phrase", "ref")):
@@ -188,6 +188,7 @@ def test_other_world_versions_are_refused(tmp_path):
         load_dataset("shapes-phrase", "test", other)
 
 
+@pytest.mark.slow
 def test_train_clip_is_deterministic_and_loads_like_any_checkpoint(tmp_path):
     from bicm.shapes.train import TrainConfig, train_clip
 
@@ -277,6 +278,7 @@ def test_demo_grounds_every_phrase(tmp_path):
     assert [r["iou"] > 0.5 for r in records] == [True, True, True], records
 
 
+@pytest.mark.slow
 def test_train_clip_command(tmp_path):
     out = tmp_path / "clip.safetensors"
     result = CliRunner().invoke(

@@ -23,8 +23,7 @@ from bicm.shapes.dataset import ensure_shapes, scene_for
 from bicm.shapes.detector import DetectorConfig, average_precision, load_detector, train_detector
 from bicm.shapes.world import SHAPES, render
 
-from .conftest import draw_scene
-from .test_cli import assert_user_error
+from .helpers import assert_user_error, draw_scene
 
 TINY = DetectorConfig(
     seed=0, steps=3, batch_size=2, warmup=1, threads=1, train_images=4, widths=(8, 8, 8, 8, 8), fpn_channels=8,

@@ -15,7 +15,7 @@ from bicm.cli import app
 from bicm.preprocess import preprocess
 from bicm.qam import compute_maps
 
-from .conftest import draw_scene, make_backbone
+from .helpers import draw_scene, make_backbone
 
 
 def test_compiled_encoder_gives_the_eager_features_for_every_batch_size():
@@ -73,7 +73,7 @@ def test_threads_option_and_environment(scene_files, tiny_checkpoint, restore_th
 
 
 def test_eval_compile_option_reaches_the_encoder(tmp_path, tiny_checkpoint, monkeypatch):
-    from .test_evaluate import file_eval
+    from .helpers import file_eval
 
     compiled = []
 
