@@ -932,12 +932,12 @@ def test_a_broken_cache_warns_once_and_the_work_goes_on(tmp_path, fault):
 def test_xdg_cache_home_pointing_at_a_file_does_not_stop_eval(tmp_path, monkeypatch):
     """The default cache lies under XDG_CACHE_HOME; a file there turns the cache off with a warning."""
     from bicm.cache import CacheKey
-    from bicm.cli import _feature_cache
+    from bicm.options import RunOptions
 
     (tmp_path / "xdg").write_text("x")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     with pytest.warns(Warning, match="cannot be used"):
-        cache = _feature_cache(None, False)
+        cache = RunOptions().feature_cache()
     assert cache.broken is not None and cache.get_many([CacheKey("text", "m", None, "k")]) == {}
 
 
