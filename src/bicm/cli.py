@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, List, Optional, TypeVar
 
@@ -223,8 +224,8 @@ def ground(
 
     config = method.config(model)
     pil = load_image(image, max_pixels=max_image_pixels or DEFAULT_MAX_PIXELS)
-    _sources_note(source, config)
     grounder = model.grounder(config, source=source, kam=method.kam)
+    _sources_note(source, config)
     results = grounder.ground_many(pil, queries, image_key=str(image))
     if as_json:
         for result in results:
@@ -285,9 +286,9 @@ def evaluate_command(
     samples = load_dataset(dataset, split, annotations, image_root=images)
     rows = ablation_rows(ablation, method.config(model, dataset).replace(components=("qam", "com", "sf")), kam=method.kam is not None)
     feature_cache = run.feature_cache()
+    oracle = source.proposals == "oracle"  # the dataset's own boxes, handed to each image by run_eval
+    grounder = model.grounder(rows[0][1], source=replace(source, proposals=None) if oracle else source, cache=feature_cache, kam=method.kam)
     _sources_note(source, rows[0][1])
-    oracle = source.proposals == "oracle"  # the dataset's own boxes, per image
-    grounder = model.grounder(rows[0][1], source=None if oracle else source, cache=feature_cache, kam=method.kam)
     if out is None:
         out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
     summary = run_eval(

@@ -207,14 +207,12 @@ class ModelOptions:
         source: "Optional[SourceOptions]" = None,
         cache: Any = None,
         kam: Optional[Path] = None,
-        proposals: Any = None,
     ) -> "Grounder":
-        """A :class:`~bicm.api.Grounder` on this model, with ``source``'s proposals and naming
-        (``proposals`` replaces the source, e.g. eval's oracle), a feature cache and a KAM model."""
+        """A :class:`~bicm.api.Grounder` on this model, with ``source``'s proposals and naming,
+        a feature cache and a KAM model."""
         from .api import Grounder
 
-        if source is not None and proposals is None:
-            proposals = source.source(self.device)  # before the model: a wrong file fails fast
+        proposals = None if source is None else source.source(self.device)  # before the model: a wrong file fails fast
         backbone = self.load()
         naming = None if source is None else source.name_with
         template = DEFAULT_NAME_TEMPLATE if source is None else source.name_template
