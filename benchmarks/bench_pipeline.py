@@ -332,7 +332,7 @@ def main() -> None:
         naive_answers.append(naive_ground(base, image, queries, [tuple(b) for b in p.boxes.tolist()], p.class_names))
         naive_seconds += time.perf_counter() - start
         probe()
-    naive_per_image = naive_seconds / len(naive_items)
+    naive_per_image = naive_seconds / max(1, len(naive_items))
     fp32_grounder = Grounder(with_precision(base, None))
     fp32_answers = [[r.box for r in fp32_grounder.ground_many(image, queries, p)] for image, p in naive_items]
 

@@ -29,6 +29,7 @@ from . import com
 from .backbone import Backbone, load_backbone
 from .cache import FeatureCache
 from .config import COMPONENTS, DEFAULT_NAME_TEMPLATE, BiCMConfig, Needs
+from .crops import crop_uint8, resolve_crop_backend
 from .encoder import Encoder
 from .errors import BicmError, warn
 from .fusion import box_means, fuse, integral_image, select
@@ -42,7 +43,7 @@ from .proposals.sources import FileSource, OracleSource, ProposalSource, make_so
 from .qam import AttentionMaps, compute_maps, qam_boxes
 from .results import Box, Candidates, GroundingResult
 
-__all__ = ["Grounder", "ScoringInputs", "default_crop_batch"]
+__all__ = ["Grounder", "PreparedImage", "ScoringInputs", "default_crop_batch"]
 
 #: What a Grounder's proposals may be given as: a source, its name or a detections file.
 SourceLike = Union[ProposalSource, str, None]
@@ -233,7 +234,7 @@ class Grounder:
 
     def iter_extract(
         self,
-        image: Union[ImageSource, Image.Image],
+        image: Union[ImageSource, Image.Image, "PreparedImage"],
         queries: Sequence[str],
         proposals: Union[ProposalsLike, ProposalSource] = None,
         *,
@@ -246,36 +247,19 @@ class Grounder:
         :class:`ScoringInputs` is yielded per ``chunk`` queries (default
         ``config.query_chunk``), in order, sharing those tensors. Only the current chunk's
         text, attention maps and QAM boxes exist, so memory is bounded by the chunk, not by
-        the number of queries. The work is done as the iterator is consumed.
+        the number of queries. The work is done as the iterator is consumed. ``image`` may be a
+        :class:`PreparedImage` (:meth:`prepare`, e.g. done ahead); ``proposals`` and
+        ``image_key`` are then the ones it was prepared with.
         """
         cfg = self.config
-        reads_names = self.kam is None or self.kam.use_names
-        needs = cfg.needs(reads_names) if needs is None else needs
-        if needs.kam:  # KAM reads the crops, and the class names where it learned them
-            needs = needs | Needs(visual=True, names=reads_names)
-        for kind in needs.kinds:
-            if kind not in ("qa", "va"):
-                raise BicmError(f"unknown attention map {kind!r}; use qa or va")
-        if needs.kinds and self.backbone.qam_unsupported_reason():
-            raise BicmError(self.backbone.qam_unsupported_reason() or "")
+        needs = self._needs(needs)
         queries = check_queries(queries)
         chunk = chunk or cfg.query_chunk
         if chunk < 1:
             raise BicmError("query chunk must be at least 1")
-        original = load_image(image)
-        width, height = original.size
-        # Work on at most cfg.max_pixels pixels; boxes in and out stay in ORIGINAL pixels.
-        pil, scale = working_image(original, cfg.max_pixels)
-        digest = image_digest(pil)  # the image's identity for the proposal and feature caches (~1 ms)
-        if proposals is None:
-            proposals = self.proposals
-        if isinstance(proposals, ProposalSource):
-            key = image_key or (None if isinstance(image, Image.Image) else str(image))
-            found = self.encoder.proposals(proposals, pil, key, digest)
-            # sources that look at the image see the working image; files hold original pixels
-            proposals = found if isinstance(proposals, (FileSource, OracleSource)) else scaled(found, scale)
-        props = self._clean(as_proposals(proposals), width, height)
-        work_props = scaled(props, (1.0 / scale[0], 1.0 / scale[1]))  # the same boxes on the working image
+        ready = image if isinstance(image, PreparedImage) else self.prepare(image, proposals, image_key=image_key, needs=needs)
+        width, height, pil, scale, digest = ready.width, ready.height, ready.pil, ready.scale, ready.digest
+        props, work_props = ready.props, ready.work_props
         notes: list[str] = []
         if props.is_oracle:
             notes.append("ORACLE: the proposals are ground-truth boxes (analysis only, not a real result)")
@@ -284,13 +268,17 @@ class Grounder:
         crop_spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
         crop_batch = cfg.crop_batch_size or default_crop_batch(device)
         crop_feats: Optional[torch.Tensor] = None  # (N, E), computed at most once
+
+        def encode_proposal_crops() -> torch.Tensor:
+            return self.encoder.crops(pil, work_props.boxes, crop_spec, crop_batch, digest, cfg.crop_backend, ready.crop_pixels)
+
         if self.namer is not None and (needs.visual or needs.names) and len(props) and not props.fully_named:
-            crop_feats = self.encoder.crops(pil, work_props.boxes, crop_spec, crop_batch, digest)
+            crop_feats = encode_proposal_crops()
             named = self.namer.name(work_props, pil, crop_feats)
             props = props.with_names(named.class_names or [None] * len(props), named.name_scores)
             notes.append(f"proposals named by CLIP over {self.namer.vocabulary.name}")
         if needs.visual and crop_feats is None:
-            crop_feats = self.encoder.crops(pil, work_props.boxes, crop_spec, crop_batch, digest)
+            crop_feats = encode_proposal_crops()
         name_feats = None
         if needs.names and props.fully_named and len(props):
             name_feats = self.class_names([c or "" for c in props.class_names or []])
@@ -311,7 +299,7 @@ class Grounder:
             qam_crops: dict[Box, torch.Tensor] = {}
             unique = sorted({b for boxes in boxes_qam.values() for b in boxes if b is not None})
             if needs.visual and unique:
-                feats = self.encoder.crops(pil, torch.tensor(unique), crop_spec, crop_batch, digest)
+                feats = self.encoder.crops(pil, torch.tensor(unique), crop_spec, crop_batch, digest, cfg.crop_backend)
                 qam_crops = dict(zip(unique, feats))
             yield ScoringInputs(
                 queries=part,
@@ -329,6 +317,58 @@ class Grounder:
                 scale=scale,
             )
             del maps, boxes_qam, qam_crops, text  # this chunk's maps go before the next chunk's are made
+
+    def _needs(self, needs: Optional[Needs]) -> Needs:
+        """What to compute: ``needs`` (default: the config's), with what KAM reads, checked."""
+        reads_names = self.kam is None or self.kam.use_names
+        needs = self.config.needs(reads_names) if needs is None else needs
+        if needs.kam:  # KAM reads the crops, and the class names where it learned them
+            needs = needs | Needs(visual=True, names=reads_names)
+        for kind in needs.kinds:
+            if kind not in ("qa", "va"):
+                raise BicmError(f"unknown attention map {kind!r}; use qa or va")
+        if needs.kinds and self.backbone.qam_unsupported_reason():
+            raise BicmError(self.backbone.qam_unsupported_reason() or "")
+        return needs
+
+    def prepare(
+        self,
+        image: Union[ImageSource, Image.Image],
+        proposals: Union[ProposalsLike, ProposalSource] = None,
+        *,
+        image_key: Optional[str] = None,
+        needs: Optional[Needs] = None,
+        crops: bool = False,
+    ) -> "PreparedImage":
+        """An image's work before its CLIP forwards: decoded, downscaled to the working size,
+        its proposals found (through the feature cache), cleaned and, with ``crops=True`` and
+        no feature cache (a cache would skip most of them), its proposal crops cut
+        (:func:`~bicm.crops.crop_uint8` with the config's backend). :meth:`iter_extract` takes
+        the result in place of the image; :mod:`bicm.prefetch` runs this ahead, on a thread.
+        """
+        cfg = self.config
+        needs = self._needs(needs)
+        original = load_image(image)
+        width, height = original.size
+        # Work on at most cfg.max_pixels pixels; boxes in and out stay in ORIGINAL pixels.
+        pil, scale = working_image(original, cfg.max_pixels)
+        digest = image_digest(pil)  # the image's identity for the proposal and feature caches (~1 ms)
+        if proposals is None:
+            proposals = self.proposals
+        if isinstance(proposals, ProposalSource):
+            key = image_key or (None if isinstance(image, Image.Image) else str(image))
+            found = self.encoder.proposals(proposals, pil, key, digest)
+            # sources that look at the image see the working image; files hold original pixels
+            proposals = found if isinstance(proposals, (FileSource, OracleSource)) else scaled(found, scale)
+        props = self._clean(as_proposals(proposals), width, height)
+        work_props = scaled(props, (1.0 / scale[0], 1.0 / scale[1]))  # the same boxes on the working image
+        pixels = None
+        naming = self.namer is not None and needs.names and not props.fully_named
+        if crops and self.encoder.cache is None and len(props) and (needs.visual or naming):
+            spec = self.backbone.spec.with_resize_mode(cfg.crop_resize)
+            backend = resolve_crop_backend(cfg.crop_backend, self.backbone.device)
+            pixels = crop_uint8(pil, work_props.boxes.tolist(), spec, backend, self.backbone.device)
+        return PreparedImage(width, height, pil, scale, digest, props, work_props, pixels)
 
     def _clean(self, proposals: Proposals, width: int, height: int) -> Proposals:
         """Proposals clipped to the image, degenerate ones dropped, capped (with warnings)."""
@@ -412,6 +452,32 @@ class Grounder:
         if f.name_feats is not None and len(f.proposals):
             best = com.borrowed_names(com.s_cq(f.text, f.name_feats))
         return _candidate_feats(f, index, len(f.proposals) > 0, qam_box, best, True)
+
+
+@dataclass
+class PreparedImage:
+    """An image's work before its CLIP forwards (:meth:`Grounder.prepare`).
+
+    Attributes
+    ----------
+    width, height: the original image's size.
+    pil: the working image (at most ``config.max_pixels`` pixels), RGB.
+    scale: ``(sx, sy)`` original pixels per working pixel.
+    digest: the working image's identity in the caches.
+    props: cleaned proposals, xyxy in original pixels.
+    work_props: the same boxes on the working image.
+    crop_pixels: ``(N, 3, H_in, W_in)`` uint8 crops of ``work_props`` (crop spec and backend
+        of the config), or ``None``: cut when encoded.
+    """
+
+    width: int
+    height: int
+    pil: Image.Image
+    scale: tuple[float, float]
+    digest: str
+    props: Proposals
+    work_props: Proposals
+    crop_pixels: Optional[torch.Tensor] = None
 
 
 @dataclass

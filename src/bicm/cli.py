@@ -663,6 +663,7 @@ def proposals_extract(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .imageio import load_image
+    from .prefetch import ahead
     from .proposals.files import DetectionsAppender
     from .provenance import versions
 
@@ -683,10 +684,13 @@ def proposals_extract(
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
         with Progress(*columns, transient=False) as progress:
             task = progress.add_task(f"proposals ({maker.id.split('(')[0]})", total=len(pending))
-            for key, path in pending:
+            def find(item: tuple[str, Path]) -> tuple[Any, Any]:  # decoded and proposed ahead (bicm.prefetch)
+                pil = load_image(item[1], exif_transpose=False)
+                return pil, maker(pil, item[0])
+
+            for (key, path), ready in ahead(pending, find):
                 try:
-                    pil = load_image(path, exif_transpose=False)
-                    found = maker(pil, key)
+                    pil, found = ready.get()
                     found = found.sanitize(pil.width, pil.height).proposals
                     if namer is not None and len(found) and not found.fully_named:
                         found = namer.name(found, pil)

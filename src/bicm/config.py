@@ -23,6 +23,7 @@ __all__ = [
     "SelectionPolicy",
     "Precision",
     "Amp",
+    "CropBackend",
     "COMPONENTS",
     "ALL_COMPONENTS",
     "MAP_KINDS",
@@ -32,6 +33,7 @@ __all__ = [
     "SELECTION_POLICIES",
     "PRECISIONS",
     "AMPS",
+    "CROP_BACKENDS",
     "DEFAULT_THR_A",
     "DEFAULT_LAMBDA_T",
     "DEFAULT_LAMBDA_K",
@@ -58,6 +60,10 @@ SelectionPolicy = Literal["argmax", "union-above-mean", "largest-above-mean"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 #: Autocast for the encoders.
 Amp = Literal["none", "bf16", "fp16"]
+#: Where proposal crops are cut and resized: Pillow on the host (open_clip's transform,
+#: exactly), tensor operations on the model's device (Pillow's taps; a level or two apart),
+#: or ``auto``: tensor on CUDA, pil on a CPU (:func:`bicm.crops.resolve_crop_backend`).
+CropBackend = Literal["pil", "tensor", "auto"]
 
 COMPONENTS: tuple[str, ...] = ("qam", "com", "sf")
 ALL_COMPONENTS: tuple[str, ...] = get_args(Component)
@@ -68,6 +74,7 @@ TD_SCALES: tuple[str, ...] = get_args(TdScale)
 SELECTION_POLICIES: tuple[str, ...] = get_args(SelectionPolicy)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 AMPS: tuple[str, ...] = get_args(Amp)
+CROP_BACKENDS: tuple[str, ...] = get_args(CropBackend)
 
 #: Threshold on the normalised map that cuts QAM's box ``P_t`` (Sec. 4.1).
 DEFAULT_THR_A = 0.7
@@ -152,6 +159,11 @@ class BiCMConfig:
     max_proposals: more proposals than this are cut (with a warning) to the highest-scoring
         ones (the first ones when they have no scores), in their original order. ``None``:
         no limit.
+    crop_backend: where proposal crops are cut and resized: ``"pil"`` (default: open_clip's
+        transform through Pillow, on the host), ``"tensor"`` (on the model's device, Pillow's
+        geometry, values within a level or two) or ``"auto"`` (tensor on CUDA, pil on a CPU).
+        Not a speed setting only: the crop features differ slightly (the guard in
+        ``benchmarks/README.md`` measures how often the chosen box changes).
     """
 
     components: tuple[str, ...] = COMPONENTS
@@ -171,6 +183,7 @@ class BiCMConfig:
     crop_resize: Optional[str] = None
     max_pixels: Optional[int] = DEFAULT_WORK_PIXELS
     max_proposals: Optional[int] = DEFAULT_MAX_PROPOSALS
+    crop_backend: CropBackend = "pil"
 
     def __post_init__(self) -> None:
         comps = tuple(dict.fromkeys(str(c).strip().lower() for c in self.components if str(c).strip()))
@@ -188,6 +201,7 @@ class BiCMConfig:
             "COM mode": (self.com_mode, COM_MODES),
             "top-down scale": (self.td_scale, TD_SCALES),
             "selection policy": (self.selection, SELECTION_POLICIES),
+            "crop backend": (self.crop_backend, CROP_BACKENDS),
         }
         for what, (value, allowed) in checks.items():
             if value not in allowed:
@@ -272,6 +286,15 @@ def config_dict(config: BiCMConfig) -> dict[str, Any]:
 SPEED_FIELDS = ("crop_batch_size", "query_chunk")
 
 
+#: Fields added after runs were recorded without them, with the value those runs used.
+_ADDED_FIELDS = {"crop_backend": "pil"}
+
+
 def same_method(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two :func:`config_dict` results give the same results (speed settings aside)."""
-    return {k: v for k, v in a.items() if k not in SPEED_FIELDS} == {k: v for k, v in b.items() if k not in SPEED_FIELDS}
+    """Whether two :func:`config_dict` results give the same results (speed settings aside;
+    a field a run file predates counts as its old behaviour)."""
+
+    def method(d: dict[str, Any]) -> dict[str, Any]:
+        return {**_ADDED_FIELDS, **{k: v for k, v in d.items() if k not in SPEED_FIELDS}}
+
+    return method(a) == method(b)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from .backbone import Backbone
 from .cache import CacheKey, FeatureCache, MemoryFeatureCache
-from .crops import encode_crops
+from .crops import encode_crop_pixels, encode_crops, resolve_crop_backend
 from .imageio import image_digest
 from .preprocess import PreprocessSpec, preprocess
 from .proposals import Proposals
@@ -51,18 +51,38 @@ class Encoder:
         return torch.stack([found[k][0]["f"] for k in keys]).to(self.backbone.device)
 
     def crops(
-        self, image: Image.Image, boxes: torch.Tensor, spec: PreprocessSpec, batch_size: int = 64, digest: Optional[str] = None
+        self,
+        image: Image.Image,
+        boxes: torch.Tensor,
+        spec: PreprocessSpec,
+        batch_size: int = 64,
+        digest: Optional[str] = None,
+        backend: str = "pil",
+        pixels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``(N, E)`` L2-normalised crop embeddings of ``(N, 4)`` xyxy boxes."""
+        """``(N, E)`` L2-normalised crop embeddings of ``(N, 4)`` xyxy boxes.
+
+        ``backend`` cuts and resizes the crops (:mod:`bicm.crops`; part of the cache key when
+        it is not ``"pil"``, so caches written before it existed stay valid). ``pixels``: the
+        crops already cut by :func:`~bicm.crops.crop_uint8` (``(N, 3, H, W)`` uint8, the same
+        backend), e.g. prepared ahead by :mod:`bicm.prefetch`.
+        """
+        backend = resolve_crop_backend(backend, self.backbone.device)
+
+        def encode(index: Optional[list[int]]) -> torch.Tensor:
+            if pixels is not None:
+                return encode_crop_pixels(self.backbone, pixels if index is None else pixels[index], spec, batch_size)
+            return encode_crops(self.backbone, image, boxes if index is None else boxes[index], spec, batch_size, backend)
+
         if self.cache is None or boxes.shape[0] == 0:
-            return encode_crops(self.backbone, image, boxes, spec, batch_size)
+            return encode(None)
         digest = digest or image_digest(image)
-        model = f"{self.backbone.fingerprint()} {_spec_key(spec)}"
+        model = f"{self.backbone.fingerprint()} {_spec_key(spec)}" + ("" if backend == "pil" else f",crops={backend}")
         keys = [CacheKey("crop", model, digest, ",".join(f"{v:.2f}" for v in box)) for box in boxes.tolist()]
         found = self.cache.get_many(keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
         if todo:
-            feats = encode_crops(self.backbone, image, boxes[todo], spec, batch_size)
+            feats = encode(todo)
             new = {keys[i]: ({"f": f}, {}) for i, f in zip(todo, feats)}
             self.cache.put_many(new)
             found.update(new)

@@ -20,6 +20,7 @@ Accuracies come with a 95% Wilson score interval.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -30,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torchvision.ops import box_iou
 
-from .api import Grounder, ScoringInputs
+from .api import Grounder, PreparedImage, ScoringInputs
 from .config import BiCMConfig, Needs, config_dict, paper_selection, same_method
 from .atomic import atomic_write_text, folder_lock
 from .data import GroundingSample
@@ -40,6 +41,7 @@ from .imageio import load_image
 from .interrupt import deferred
 from .jsonl import JsonlAppender, read_jsonl
 from .paper import paper_numbers
+from .prefetch import DEFAULT_DEPTH, Ahead, ahead
 from .provenance import versions
 from .proposals import Proposals
 from .proposals.sources import ORACLE_ID, ProposalSource
@@ -208,6 +210,7 @@ def run_eval(
     limit: Optional[int] = None,
     progress: bool = True,
     on_image: Optional[Callable[[int], None]] = None,
+    prefetch: int = DEFAULT_DEPTH,
 ) -> dict[str, Any]:
     """Evaluate ``rows`` on ``samples`` and write predictions, summary and table.
 
@@ -216,6 +219,8 @@ def run_eval(
     source: a proposal source, ``"oracle"`` (the dataset's own ground-truth boxes, labelled
         as the oracle everywhere), or ``None`` (no proposals: QAM's box alone).
     on_image: called with the number of finished images (tests use it).
+    prefetch: images decoded, given proposals and cut into crops ahead of the model, on one
+        background thread (:mod:`bicm.prefetch`; 0: none). The same predictions either way.
 
     Returns
     -------
@@ -257,8 +262,9 @@ def run_eval(
                 print_note(f"resuming: {done_queries} of {len(chosen)} queries already in {predictions}")
             hits = {"n": 0, "k": 0}
             with ProgressBar(progress, "eval", len(chosen), done_queries) as bar, kept_on_interrupt(out, len(chosen), "queries"):
-                for index, (image_file, group) in enumerate(todo):
-                    records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source)
+                prepare = functools.partial(_prepare_image, grounder, image_root, needs, source)
+                for index, ((image_file, group), ready) in enumerate(ahead(todo, prepare, prefetch)):
+                    records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source, ready)
                     records = [r for r in records if str(r["id"]) not in out.done]  # the same values, written once
                     errors += sum(1 for r in records if r.get("error"))
                     with deferred():  # Ctrl-C never cuts an image's records in half
@@ -290,15 +296,15 @@ def _evaluate_image(
     rows: Sequence[tuple[str, BiCMConfig]],
     needs: Needs,
     source: Union[ProposalSource, str, None],
+    ready: Optional[Ahead[PreparedImage]] = None,
 ) -> list[dict[str, Any]]:
     queries = [s.query for s in group]
     records: list[dict[str, Any]] = []
     try:
-        pil = load_image(image_root / image_file, exif_transpose=False)  # annotations use the stored pixels
-        props: Any = _oracle(group) if source == "oracle" else source
+        image: Any = ready.get() if ready is not None else _prepare_image(grounder, image_root, needs, source, (image_file, group))
         # the per-image work once, then the queries chunk by chunk (config.query_chunk): only
         # one chunk's attention maps exist at a time, however many queries the image has
-        for features in grounder.iter_extract(pil, queries, props, image_key=image_file, needs=needs):
+        for features in grounder.iter_extract(image, queries, image_key=image_file, needs=needs):
             part = group[len(records) : len(records) + len(features.queries)]
             records.extend(_score_chunk(grounder, image_file, part, features, rows))
     except BicmError as exc:  # one bad image must not end a dataset run
@@ -307,6 +313,16 @@ def _evaluate_image(
             for s in group[len(records) :]
         ]
     return records
+
+
+def _prepare_image(
+    grounder: Grounder, image_root: Path, needs: Needs, source: Union[ProposalSource, str, None], item: tuple[str, Sequence[GroundingSample]]
+) -> PreparedImage:
+    """An image's work before its CLIP forwards (:meth:`Grounder.prepare`), run ahead by :func:`bicm.prefetch.ahead`."""
+    image_file, group = item
+    pil = load_image(image_root / image_file, exif_transpose=False)  # annotations use the stored pixels
+    props: Any = _oracle(group) if source == "oracle" else source
+    return grounder.prepare(pil, props, image_key=image_file, needs=needs, crops=True)
 
 
 def _score_chunk(

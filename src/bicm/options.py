@@ -42,6 +42,7 @@ from .config import (
     Amp,
     BiCMConfig,
     ComMode,
+    CropBackend,
     MapKind,
     Precision,
     RegionRule,
@@ -288,6 +289,11 @@ class MethodOptions:
     max_proposals: int = option(
         DEFAULT_MAX_PROPOSALS, help="Keep at most this many proposals per image (the highest-scoring, else the first); 0: all."
     )
+    crop_backend: CropBackend = option(
+        "pil",
+        help="Where proposal crops are cut and resized: pil (open_clip's transform on the host, exact), tensor (on the "
+        "model's device, Pillow's geometry, values within a level or two) or auto (tensor on CUDA, pil on a CPU).",
+    )
 
     def prepare(self) -> None:
         """Before any work: the KAM model is a readable regular file."""
@@ -318,6 +324,7 @@ class MethodOptions:
             class_prompt=self.class_prompt,
             max_pixels=self.max_pixels or None,
             max_proposals=self.max_proposals or None,
+            crop_backend=self.crop_backend,
         )
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .errors import BicmError
 
-__all__ = ["Geometry", "PreprocessSpec", "geometry_for", "preprocess", "preprocess_many"]
+__all__ = ["Geometry", "PreprocessSpec", "fit_many", "geometry_for", "normalise_pixels", "preprocess", "preprocess_many"]
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -175,11 +175,21 @@ def preprocess_many(images: Sequence[Image.Image], spec: PreprocessSpec) -> torc
     -------
     ``(N, 3, H_in, W_in)`` float32, normalised.
     """
+    return _normalise(fit_many(images, spec), spec)
+
+
+def fit_many(images: Sequence[Image.Image], spec: PreprocessSpec) -> np.ndarray:
+    """The resized and cropped/padded pixels of many RGB images, before normalisation.
+
+    Returns
+    -------
+    ``(N, H_in, W_in, 3)`` uint8.
+    """
     ih, iw = spec.size
     batch = np.empty((len(images), ih, iw, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         batch[i] = np.asarray(_fit(image, spec)[0], dtype=np.uint8)
-    return _normalise(batch, spec)
+    return batch
 
 
 def _fit(image: Image.Image, spec: PreprocessSpec) -> tuple[Image.Image, Geometry]:
@@ -218,7 +228,13 @@ _FULL_RESIZE_LIMIT = 64
 
 def _normalise(batch: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """``(N, H, W, 3)`` uint8 -> ``(N, 3, H, W)`` float32 with CLIP's mean/std."""
-    pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return normalise_pixels(torch.from_numpy(batch).permute(0, 3, 1, 2), spec)
+
+
+def normalise_pixels(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """``(N, 3, H, W)`` pixel values 0-255 (uint8 or float) -> ``(N, 3, H, W)`` float32 with
+    CLIP's mean/std, on ``pixels``' device."""
+    pixels = pixels.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     return pixels.div_(255.0).sub_(mean).div_(std)

@@ -17,6 +17,7 @@ in that image.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torchvision.ops import box_iou
 
-from .api import Grounder
+from .api import Grounder, PreparedImage
 from .config import BiCMConfig, Needs, config_dict, same_method
 from .atomic import atomic_write_text
 from .cache import CacheKey, FeatureCache
@@ -34,6 +35,7 @@ from .safeload import json_loads, regular_file
 from .evaluate import wilson_interval
 from .imageio import load_image
 from .jsonl import JsonlAppender, read_jsonl
+from .prefetch import DEFAULT_DEPTH, Ahead, ahead
 from .proposals.sources import ProposalSource
 from .runs import ProgressBar, check_run_file, print_note
 
@@ -178,8 +180,9 @@ def run_pseudo_label(
                 print_note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
             labels = 0
             with ProgressBar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
-                for count, match in enumerate(todo, start=1):
-                    record = _ground_pair(grounder, cfg, match, source, store, features_above)
+                prepare = functools.partial(_prepare_pair, grounder, source)
+                for count, (match, ready) in enumerate(ahead(todo, prepare, DEFAULT_DEPTH), start=1):
+                    record = _ground_pair(grounder, cfg, match, source, store, features_above, ready)
                     out.append([record])
                     labels += record.get("score") is not None and record["score"] > thr_k
                     bar.advance(1, f"{labels} labels")
@@ -308,15 +311,29 @@ def calibrate_lambda(
     return summary
 
 
+def _prepare_pair(grounder: Grounder, source: Optional[ProposalSource], match: dict) -> Optional[PreparedImage]:
+    """A pair's image work before its CLIP forwards (run ahead by :func:`bicm.prefetch.ahead`)."""
+    if match.get("error"):
+        return None
+    pil = load_image(match["image"], exif_transpose=False)
+    return grounder.prepare(pil, source, image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True), crops=True)
+
+
 def _ground_pair(
-    grounder: Grounder, cfg: BiCMConfig, match: dict, source: Optional[ProposalSource], store: FeatureCache, features_above: float
+    grounder: Grounder,
+    cfg: BiCMConfig,
+    match: dict,
+    source: Optional[ProposalSource],
+    store: FeatureCache,
+    features_above: float,
+    ready: Optional[Ahead[Optional[PreparedImage]]] = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {"id": match["id"], "image": match["image"], "query": match["query"], "similarity": match["similarity"]}
     if match.get("error"):
         return {**record, "box": None, "score": None, "error": match["error"]}
     try:
-        pil = load_image(match["image"], exif_transpose=False)
-        features = grounder.extract(pil, [match["query"]], source, image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True))
+        image: Any = ready.get() if ready is not None else _prepare_pair(grounder, source, match)
+        features = grounder.extract(image, [match["query"]], image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True))
     except BicmError as exc:
         return {**record, "box": None, "score": None, "error": str(exc)}
     result = grounder.score(features, cfg)[0]
