@@ -19,9 +19,11 @@ from typing import Any, Callable, List, Optional, TypeVar
 import typer
 
 from .errors import BicmError, BicmWarning
+from .cluster import GrounderSpec
+from .cluster import engine as cluster_engine
 from .interrupt import resumable
 from .jsonl import finite_json
-from .options import FileFormat, Group, MethodOptions, ModelOptions, RunOptions, SourceOptions, groups, resolve_lambda_t
+from .options import EngineOptions, FileFormat, Group, MethodOptions, ModelOptions, RunOptions, SourceOptions, groups, resolve_lambda_t
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +60,9 @@ OPTION_RANGES: dict[str, tuple[Optional[float], Optional[float]]] = {
     "lr": (1e-12, 100.0),
     "max_upload_mb": (0.001, 1_000_000.0),
     "timeout": (0.001, 7 * 86400.0),
+    "workers": (1, 100_000),
+    "cpus_per_worker": (0.0, 4096.0),
+    "gpus_per_worker": (0.0, 1024.0),
 }
 
 
@@ -250,6 +255,7 @@ def ground(
     source=SourceOptions,
     method=Group(MethodOptions, exclude=("components", "attention", "com_mode"), defaults={"selection": "paper"}),
     run=RunOptions,
+    engine=EngineOptions,
 )
 def evaluate_command(
     dataset: str = typer.Option(..., help="flickr, referit, unc, unc+, gref, gref_umd (TransVG files), refcoco, refcoco+, refcocog, refclef (refer API), flickr30k_entities (raw), jsonl, shapes-ref, shapes-phrase (the offline shapes world)."),
@@ -266,6 +272,7 @@ def evaluate_command(
     source: SourceOptions,
     method: MethodOptions,
     run: RunOptions,
+    engine: EngineOptions,
 ) -> None:
     """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
     _check_output(out, "--out", folder=True)
@@ -284,16 +291,18 @@ def evaluate_command(
         raise BicmError(f"dataset {dataset} needs --annotations and --images")
     samples = load_dataset(dataset, split, annotations, image_root=images)
     rows = ablation_rows(ablation, method.config(model, dataset).replace(components=("qam", "com", "sf")), kam=method.kam is not None)
-    feature_cache = run.feature_cache()
+    feature_cache = None if engine.on_cluster else run.feature_cache()  # on a cluster: each node's own (bicm.cluster)
     _sources_note(source, rows[0][1])
     oracle = source.proposals == "oracle"  # the dataset's own boxes, per image
-    grounder = model.grounder(rows[0][1], source=None if oracle else source, cache=feature_cache, kam=method.kam)
-    if out is None:
-        out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
-    summary = run_eval(
-        grounder, samples, images, out, rows, dataset=dataset, split=split, source="oracle" if oracle else grounder.proposals,
-        part=part, limit=limit, progress=not run.no_progress,
-    )
+    spec = GrounderSpec(model, rows[0][1], None if oracle else source, method.kam, run)
+    with cluster_engine(engine, spec) as cluster:
+        grounder = model.grounder(rows[0][1], source=None if oracle else source, cache=feature_cache, kam=method.kam)
+        if out is None:
+            out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
+        summary = run_eval(
+            grounder, samples, images, out, rows, dataset=dataset, split=split, source="oracle" if oracle else grounder.proposals,
+            part=part, limit=limit, progress=not run.no_progress, cluster=cluster,
+        )
     _report(summary, out, summary_json, feature_cache)
 
 
@@ -444,6 +453,7 @@ def train_detector_command(
     source=Group(SourceOptions, defaults={"proposals": "selective-search"}),
     method=Group(MethodOptions, exclude=("kam", "lambda_k")),
     run=RunOptions,
+    engine=EngineOptions,
 )
 def pseudo_label_command(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (matches, pairs, labels, KAM features, summary); rerun to resume."),
@@ -466,6 +476,7 @@ def pseudo_label_command(
     source: SourceOptions,
     method: MethodOptions,
     run: RunOptions,
+    engine: EngineOptions,
 ) -> None:
     """KAM step 1: pair unpaired images with their most similar query, ground them, keep the sure boxes."""
     _check_output(out, "--out", folder=True)
@@ -493,7 +504,17 @@ def pseudo_label_command(
         data = dataset_unpaired([], Path("."), "", False)
         data.images, data.queries = read_image_list(images)[:limit], read_query_list(queries)
         data.images_desc, data.queries_desc = str(images), str(queries)
-    grounder = model.grounder(method.config(model, dataset), source=source, cache=run.feature_cache())
+    if calibrate and engine.on_cluster:
+        raise BicmError("--calibrate-lambda-t runs here: leave out --engine ray")
+    spec = GrounderSpec(model, method.config(model, dataset), source, None, run)
+    with cluster_engine(engine, spec) as cluster:
+        grounder = model.grounder(spec.config, source=source, cache=None if cluster else run.feature_cache())
+        if not calibrate:
+            summary = run_pseudo_label(
+                grounder, data.images, data.queries, out, source=grounder.proposals, thr_k=thr_k, features_above=features_above,
+                truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not run.no_progress,
+                cluster=cluster,
+            )
     if calibrate:
         from .pseudo import calibrate_lambda
 
@@ -505,10 +526,6 @@ def pseudo_label_command(
             file=sys.stderr,
         )
         return
-    summary = run_pseudo_label(
-        grounder, data.images, data.queries, out, source=grounder.proposals, thr_k=thr_k, features_above=features_above,
-        truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not run.no_progress,
-    )
     if "table7" in summary:
         typer.echo((out / "table7.md").read_text())
     print(
@@ -649,6 +666,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
         flags={"proposals": ("--source", "-s", "--proposals", "-p")},
         helps={"proposals": "selective-search, faster-rcnn, shapes-detector or a detections file."},
     ),
+    engine=EngineOptions,
 )
 def proposals_extract(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
@@ -656,16 +674,45 @@ def proposals_extract(
     *,
     model: ModelOptions,
     source: SourceOptions,
+    engine: EngineOptions,
 ) -> None:
     """Run a proposal source over images into a JSONL file (resumable, with progress)."""
     _check_output(output, "--output")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .imageio import load_image
     from .proposals.files import DetectionsAppender
-    from .provenance import versions
 
     todo = _collect_images(images)
+    failed: list[str] = []
+    with cluster_engine(engine) as cluster, DetectionsAppender(output) as out:
+        maker, namer = proposal_makers(model, source) if cluster is None else (None, None)  # on a cluster: in each worker
+        pending = [(key, path) for key, path in todo if key not in out.done]
+        if len(pending) < len(todo):
+            print(f"bicm: resuming: {len(todo) - len(pending)} of {len(todo)} images already in {output}", file=sys.stderr)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as progress:
+            title = source.proposals if maker is None else maker.id.split("(")[0]
+            task = progress.add_task(f"proposals ({title})", total=len(pending))
+            found_all = (
+                ((key, propose_image(maker, namer, key, path)) for key, path in pending)
+                if cluster is None else cluster.propose(model, source, pending)
+            )
+            for key, found in found_all:
+                if isinstance(found, str):  # one bad image must not stop a dataset
+                    failed.append(f"{key}: {found}")
+                else:
+                    out.add(key, found)
+                progress.advance(task)
+    for line in failed[:10]:
+        print(f"bicm: warning: skipped {line}", file=sys.stderr)
+    if failed:
+        print(f"bicm: warning: {len(failed)} image(s) skipped; rerun the same command to retry them", file=sys.stderr)
+    print(f"bicm: {len(todo) - len(failed)} of {len(todo)} images in {output}", file=sys.stderr)
+
+
+
+def proposal_makers(model: ModelOptions, source: SourceOptions) -> tuple[Any, Any]:
+    """``proposals extract``'s proposal source and CLIP namer (``None`` without ``--name-with``)."""
     maker = source.source(model.device)
     assert maker is not None
     namer = None
@@ -674,33 +721,26 @@ def proposals_extract(
 
         model.prepare()
         namer = ClipNamer(model.load(), source.name_with, source.name_template)
-    failed: list[str] = []
-    with DetectionsAppender(output) as out:
-        pending = [(key, path) for key, path in todo if key not in out.done]
-        if len(pending) < len(todo):
-            print(f"bicm: resuming: {len(todo) - len(pending)} of {len(todo)} images already in {output}", file=sys.stderr)
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns, transient=False) as progress:
-            task = progress.add_task(f"proposals ({maker.id.split('(')[0]})", total=len(pending))
-            for key, path in pending:
-                try:
-                    pil = load_image(path, exif_transpose=False)
-                    found = maker(pil, key)
-                    found = found.sanitize(pil.width, pil.height).proposals
-                    if namer is not None and len(found) and not found.fully_named:
-                        found = namer.name(found, pil)
-                    found.meta["image_size"] = [pil.width, pil.height]
-                    found.meta["versions"] = versions()
-                    out.add(key, found)
-                except BicmError as exc:  # one bad image must not stop a dataset
-                    failed.append(f"{key}: {exc}")
-                progress.advance(task)
-    for line in failed[:10]:
-        print(f"bicm: warning: skipped {line}", file=sys.stderr)
-    if failed:
-        print(f"bicm: warning: {len(failed)} image(s) skipped; rerun the same command to retry them", file=sys.stderr)
-    print(f"bicm: {len(todo) - len(failed)} of {len(todo)} images in {output}", file=sys.stderr)
+    return maker, namer
 
+
+def propose_image(maker: Any, namer: Any, key: str, path: Path) -> Any:
+    """One image's proposals, sanitized, named, with their image size and versions; or the
+    text of the :class:`BicmError` that stopped them (one bad image must not stop a dataset)."""
+    from .imageio import load_image
+    from .provenance import versions
+
+    try:
+        pil = load_image(path, exif_transpose=False)
+        found = maker(pil, key)
+        found = found.sanitize(pil.width, pil.height).proposals
+        if namer is not None and len(found) and not found.fully_named:
+            found = namer.name(found, pil)
+    except BicmError as exc:
+        return str(exc)
+    found.meta["image_size"] = [pil.width, pil.height]
+    found.meta["versions"] = versions()
+    return found
 
 
 def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:

@@ -208,6 +208,7 @@ def run_eval(
     limit: Optional[int] = None,
     progress: bool = True,
     on_image: Optional[Callable[[int], None]] = None,
+    cluster: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``rows`` on ``samples`` and write predictions, summary and table.
 
@@ -216,6 +217,8 @@ def run_eval(
     source: a proposal source, ``"oracle"`` (the dataset's own ground-truth boxes, labelled
         as the oracle everywhere), or ``None`` (no proposals: QAM's box alone).
     on_image: called with the number of finished images (tests use it).
+    cluster: a :class:`bicm.cluster.RayEngine` that computes the images' records on a Ray
+        cluster (the same records); ``None``: this process.
 
     Returns
     -------
@@ -257,8 +260,11 @@ def run_eval(
                 print_note(f"resuming: {done_queries} of {len(chosen)} queries already in {predictions}")
             hits = {"n": 0, "k": 0}
             with ProgressBar(progress, "eval", len(chosen), done_queries) as bar, kept_on_interrupt(out, len(chosen), "queries"):
-                for index, (image_file, group) in enumerate(todo):
-                    records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source)
+                computed = (
+                    (_evaluate_image(grounder, image_root, image_file, group, rows, needs, source) for image_file, group in todo)
+                    if cluster is None else cluster.eval_images(todo, image_root, rows, needs, oracle=source == "oracle")
+                )
+                for index, records in enumerate(computed):
                     records = [r for r in records if str(r["id"]) not in out.done]  # the same values, written once
                     errors += sum(1 for r in records if r.get("error"))
                     with deferred():  # Ctrl-C never cuts an image's records in half
