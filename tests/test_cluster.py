@@ -144,9 +144,11 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_predictions_are_the_same(wo
     victims = _ray_workers()
     assert victims, "no Ray worker process to kill"
     os.kill(victims[0], signal.SIGKILL)
+    written = len(predictions.read_bytes().splitlines())
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert predictions.read_bytes() == (local_eval / "predictions.jsonl").read_bytes()
+    assert written < len(predictions.read_bytes().splitlines())  # the kill came with images left to do
 
 
 @pytest.mark.slow
@@ -192,6 +194,12 @@ def test_a_bad_ray_address_is_one_line(world, tmp_path, address, fragment):
     pytest.importorskip("ray")
     result = run(*eval_args(world, tmp_path / "run"), "--engine", "ray", "--ray-address", address)
     assert_user_error(result, fragment)
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_holds_is_one_line(world, cluster, tmp_path):
+    result = run(*eval_args(world, tmp_path / "run"), *on_ray(cluster, workers=3))
+    assert_user_error(result, "--workers 3 x --cpus-per-worker 1 needs 3 CPUs but the Ray cluster has 2")
 
 
 def test_engine_options_are_one_group_on_the_three_commands():

@@ -300,10 +300,13 @@ def _connect(options: EngineOptions) -> Any:
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset INFO lines between bicm's own
     total = ray.cluster_resources()
     for kind, per in (("CPU", options.cpus_per_worker), ("GPU", options.gpus_per_worker)):
-        have = total.get(kind, 0.0)
-        if per > have:
+        have, need = total.get(kind, 0.0), options.workers * per
+        if need > have:  # a fixed pool of actors would wait for them for ever
             ray.shutdown()
-            raise BicmError(f"one worker needs {per:g} {kind}s but the Ray cluster has {have:g}; lower --{kind.lower()}s-per-worker")
+            raise BicmError(
+                f"--workers {options.workers} x --{kind.lower()}s-per-worker {per:g} needs {need:g} {kind}s but the Ray cluster has "
+                f"{have:g}; use fewer workers or add machines"
+            )
     return ray
 
 
@@ -311,9 +314,13 @@ def _connect(options: EngineOptions) -> Any:
 def engine(options: EngineOptions, spec: Optional[GrounderSpec] = None) -> Iterator[Optional[RayEngine]]:
     """``None`` for ``--engine local``; for ``ray``, a :class:`RayEngine` on a started or
     joined runtime, shut down (its job's actors and tasks ended) when the block ends, Ctrl-C
-    included."""
+    included (a runtime this process had already joined stays as it was)."""
     if not options.on_cluster:
         yield None
+        return
+    ray = require_ray()
+    if ray.is_initialized():  # a program that connected to Ray itself keeps its connection
+        yield RayEngine(options, spec, ray)
         return
     ray = _connect(options)
     try:
