@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -88,6 +89,18 @@ def test_eval_on_ray_writes_the_local_run_folder_and_resumes_it(world, cluster, 
     assert result.exit_code == 0, result.output
     assert f"resuming: 10 of {total} queries" in result.stderr
     assert_same_files(local_eval, half, ["predictions.jsonl", "summary.json", "table.md"])
+    # with the feature cache on: one file per machine, never the shared path itself (the
+    # numbers may differ in their last digits: a cached query embedding was computed in
+    # another batch, see README "Cluster")
+    cache = tmp_path / "features.sqlite"
+    args = [str(cache) if a == "--no-cache" else a for a in eval_args(world, tmp_path / "cached")]
+    args.insert(args.index(str(cache)), "--cache")
+    result = run(*args, *on_ray(cluster))
+    assert result.exit_code == 0, result.output
+    ids = [r["id"] for r in read_jsonl(tmp_path / "cached" / "predictions.jsonl")]
+    assert ids == [r["id"] for r in read_jsonl(local_eval / "predictions.jsonl")]
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+    assert not cache.exists() and (tmp_path / f"features.{host}.sqlite").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -200,6 +213,12 @@ def test_a_bad_ray_address_is_one_line(world, tmp_path, address, fragment):
 def test_more_workers_than_the_cluster_holds_is_one_line(world, cluster, tmp_path):
     result = run(*eval_args(world, tmp_path / "run"), *on_ray(cluster, workers=3))
     assert_user_error(result, "--workers 3 x --cpus-per-worker 1 needs 3 CPUs but the Ray cluster has 2")
+
+
+@pytest.mark.parametrize("option, value", [("--workers", "0"), ("--cpus-per-worker", "-1"), ("--gpus-per-worker", "nan")])
+def test_engine_numbers_out_of_range_are_one_line(world, tmp_path, option, value):
+    result = run(*eval_args(world, tmp_path / "run"), "--engine", "ray", option, value)
+    assert_user_error(result, option)
 
 
 def test_engine_options_are_one_group_on_the_three_commands():
