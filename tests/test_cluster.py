@@ -123,13 +123,12 @@ def test_pseudo_label_on_ray_gives_the_local_labels(world, cluster, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_proposals_extract_on_ray_writes_the_local_file(world, cluster, tmp_path):
-    folder = world / "test"
-    common = ["proposals", "extract", str(folder), "--source", "selective-search", "--top-n", "20", "--name-with", "shapes",
-              "--model", "shapes", "--threads", "1"]
-    local = run(*common, "-o", tmp_path / "local.jsonl")
+def test_proposals_extract_on_ray_writes_the_local_file(world, cluster, tmp_path, monkeypatch):
+    options = ["--source", "selective-search", "--top-n", "20", "--name-with", "shapes", "--model", "shapes", "--threads", "1"]
+    local = run("proposals", "extract", world / "test", *options, "-o", tmp_path / "local.jsonl")
     assert local.exit_code == 0, local.output
-    remote = run(*common, "-o", tmp_path / "ray.jsonl", *on_ray(cluster))
+    monkeypatch.chdir(world)  # a relative image folder means the same images to the workers
+    remote = run("proposals", "extract", "test", *options, "-o", tmp_path / "ray.jsonl", *on_ray(cluster))
     assert remote.exit_code == 0, remote.output
     assert (tmp_path / "local.jsonl").read_bytes() == (tmp_path / "ray.jsonl").read_bytes()
     assert len((tmp_path / "ray.jsonl").read_bytes().splitlines()) == 5

@@ -180,11 +180,16 @@ class _Worker:
     restarted actor could lose them."""
 
     job: Any = None
+    #: The command's working folder: relative paths (images, weights, cache) mean the same
+    #: files as for the command where the folder exists on the worker's machine.
+    cwd: Optional[str] = None
 
     def __init__(self) -> None:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is the driver's to handle
+        if self.cwd and os.path.isdir(self.cwd):
+            os.chdir(self.cwd)
         self.state = self.job.setup()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +199,7 @@ class _Worker:
 
 def _worker_for(job: Any) -> type:
     """An actor class that runs ``job`` (shipped with the class, pickled by value)."""
-    return type("BicmWorker", (_Worker,), {"job": job})
+    return type("BicmWorker", (_Worker,), {"job": job, "cwd": os.getcwd()})
 
 
 # ----------------------------------------------------------------------------------------
