@@ -20,9 +20,11 @@ from typing import Any, Callable, List, Optional, TypeVar
 import typer
 
 from .errors import BicmError, BicmWarning
+from .cluster import GrounderSpec
+from .cluster import engine as cluster_engine
 from .interrupt import resumable
 from .jsonl import finite_json
-from .options import FileFormat, Group, MethodOptions, ModelOptions, RunOptions, SourceOptions, groups, resolve_lambda_t
+from .options import EngineOptions, FileFormat, Group, MethodOptions, ModelOptions, RunOptions, SourceOptions, groups, resolve_lambda_t
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,6 +61,9 @@ OPTION_RANGES: dict[str, tuple[Optional[float], Optional[float]]] = {
     "lr": (1e-12, 100.0),
     "max_upload_mb": (0.001, 1_000_000.0),
     "timeout": (0.001, 7 * 86400.0),
+    "workers": (1, 100_000),
+    "cpus_per_worker": (0.0, 4096.0),
+    "gpus_per_worker": (0.0, 1024.0),
 }
 
 
@@ -251,6 +256,7 @@ def ground(
     source=SourceOptions,
     method=Group(MethodOptions, exclude=("components", "attention", "com_mode"), defaults={"selection": "paper"}),
     run=RunOptions,
+    engine=EngineOptions,
 )
 def evaluate_command(
     dataset: str = typer.Option(..., help="flickr, referit, unc, unc+, gref, gref_umd (TransVG files), refcoco, refcoco+, refcocog, refclef (refer API), flickr30k_entities (raw), jsonl, shapes-ref, shapes-phrase (the offline shapes world)."),
@@ -267,6 +273,7 @@ def evaluate_command(
     source: SourceOptions,
     method: MethodOptions,
     run: RunOptions,
+    engine: EngineOptions,
 ) -> None:
     """Acc@0.5 of the paper's ablation rows on a dataset, from one pass of feature extraction."""
     _check_output(out, "--out", folder=True)
@@ -285,16 +292,19 @@ def evaluate_command(
         raise BicmError(f"dataset {dataset} needs --annotations and --images")
     samples = load_dataset(dataset, split, annotations, image_root=images)
     rows = ablation_rows(ablation, method.config(model, dataset).replace(components=("qam", "com", "sf")), kam=method.kam is not None)
-    feature_cache = run.feature_cache()
+    feature_cache = None if engine.on_cluster else run.feature_cache()  # on a cluster: each node's own (bicm.cluster)
     oracle = source.proposals == "oracle"  # the dataset's own boxes, handed to each image by run_eval
-    grounder = model.grounder(rows[0][1], source=replace(source, proposals=None) if oracle else source, cache=feature_cache, kam=method.kam)
-    _sources_note(source, rows[0][1])
-    if out is None:
-        out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
-    summary = run_eval(
-        grounder, samples, images, out, rows, dataset=dataset, split=split, source="oracle" if oracle else grounder.proposals,
-        part=part, limit=limit, progress=not run.no_progress,
-    )
+    own = replace(source, proposals=None) if oracle else source  # the naming stays the Grounder's
+    spec = GrounderSpec(model, rows[0][1], own, method.kam, run)
+    with cluster_engine(engine, spec) as cluster:
+        grounder = model.grounder(rows[0][1], source=own, cache=feature_cache, kam=method.kam)
+        _sources_note(source, rows[0][1])
+        if out is None:
+            out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
+        summary = run_eval(
+            grounder, samples, images, out, rows, dataset=dataset, split=split, source="oracle" if oracle else grounder.proposals,
+            part=part, limit=limit, progress=not run.no_progress, cluster=cluster,
+        )
     _report(summary, out, summary_json, feature_cache)
 
 
@@ -445,6 +455,7 @@ def train_detector_command(
     source=Group(SourceOptions, defaults={"proposals": "selective-search"}),
     method=Group(MethodOptions, exclude=("kam", "lambda_k")),
     run=RunOptions,
+    engine=EngineOptions,
 )
 def pseudo_label_command(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (matches, pairs, labels, KAM features, summary); rerun to resume."),
@@ -467,6 +478,7 @@ def pseudo_label_command(
     source: SourceOptions,
     method: MethodOptions,
     run: RunOptions,
+    engine: EngineOptions,
 ) -> None:
     """KAM step 1: pair unpaired images with their most similar query, ground them, keep the sure boxes."""
     _check_output(out, "--out", folder=True)
@@ -494,7 +506,17 @@ def pseudo_label_command(
         data = dataset_unpaired([], Path("."), "", False)
         data.images, data.queries = read_image_list(images)[:limit], read_query_list(queries)
         data.images_desc, data.queries_desc = str(images), str(queries)
-    grounder = model.grounder(method.config(model, dataset), source=source, cache=run.feature_cache())
+    if calibrate and engine.on_cluster:
+        raise BicmError("--calibrate-lambda-t runs here: leave out --engine ray")
+    spec = GrounderSpec(model, method.config(model, dataset), source, None, run)
+    with cluster_engine(engine, spec) as cluster:
+        grounder = model.grounder(spec.config, source=source, cache=None if cluster else run.feature_cache())
+        if not calibrate:
+            summary = run_pseudo_label(
+                grounder, data.images, data.queries, out, source=grounder.proposals, thr_k=thr_k, features_above=features_above,
+                truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not run.no_progress,
+                cluster=cluster,
+            )
     if calibrate:
         from .pseudo import calibrate_lambda
 
@@ -506,10 +528,6 @@ def pseudo_label_command(
             file=sys.stderr,
         )
         return
-    summary = run_pseudo_label(
-        grounder, data.images, data.queries, out, source=grounder.proposals, thr_k=thr_k, features_above=features_above,
-        truth=data.truth, images_desc=data.images_desc, queries_desc=data.queries_desc, progress=not run.no_progress,
-    )
     if "table7" in summary:
         typer.echo((out / "table7.md").read_text())
     print(
@@ -650,6 +668,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
         flags={"proposals": ("--source", "-s", "--proposals", "-p")},
         helps={"proposals": "selective-search, faster-rcnn, shapes-detector or a detections file."},
     ),
+    engine=EngineOptions,
 )
 def proposals_extract(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
@@ -657,17 +676,46 @@ def proposals_extract(
     *,
     model: ModelOptions,
     source: SourceOptions,
+    engine: EngineOptions,
 ) -> None:
     """Run a proposal source over images into a JSONL file (resumable, with progress)."""
     _check_output(output, "--output")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .imageio import load_image
     from .prefetch import ahead
     from .proposals.files import DetectionsAppender
-    from .provenance import versions
 
     todo = _collect_images(images)
+    failed: list[str] = []
+    with cluster_engine(engine) as cluster, DetectionsAppender(output) as out:
+        maker, namer = proposal_makers(model, source) if cluster is None else (None, None)  # on a cluster: in each worker
+        pending = [(key, path) for key, path in todo if key not in out.done]
+        if len(pending) < len(todo):
+            print(f"bicm: resuming: {len(todo) - len(pending)} of {len(todo)} images already in {output}", file=sys.stderr)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as progress:
+            title = source.proposals if maker is None else maker.id.split("(")[0]
+            task = progress.add_task(f"proposals ({title})", total=len(pending))
+            found_all = (  # locally: the next images decoded and proposed ahead (bicm.prefetch), named here
+                ((key, name_proposals(namer, ready.get())) for (key, _), ready in ahead(pending, lambda item: find_proposals(maker, *item)))
+                if cluster is None else cluster.propose(model, source, pending)
+            )
+            for key, found in found_all:
+                if isinstance(found, str):  # one bad image must not stop a dataset
+                    failed.append(f"{key}: {found}")
+                else:
+                    out.add(key, found)
+                progress.advance(task)
+    for line in failed[:10]:
+        print(f"bicm: warning: skipped {line}", file=sys.stderr)
+    if failed:
+        print(f"bicm: warning: {len(failed)} image(s) skipped; rerun the same command to retry them", file=sys.stderr)
+    print(f"bicm: {len(todo) - len(failed)} of {len(todo)} images in {output}", file=sys.stderr)
+
+
+
+def proposal_makers(model: ModelOptions, source: SourceOptions) -> tuple[Any, Any]:
+    """``proposals extract``'s proposal source and CLIP namer (``None`` without ``--name-with``)."""
     maker = source.source(model.device)
     assert maker is not None
     namer = None
@@ -676,36 +724,44 @@ def proposals_extract(
 
         model.prepare()
         namer = ClipNamer(model.load(), source.name_with, source.name_template)
-    failed: list[str] = []
-    with DetectionsAppender(output) as out:
-        pending = [(key, path) for key, path in todo if key not in out.done]
-        if len(pending) < len(todo):
-            print(f"bicm: resuming: {len(todo) - len(pending)} of {len(todo)} images already in {output}", file=sys.stderr)
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns, transient=False) as progress:
-            task = progress.add_task(f"proposals ({maker.id.split('(')[0]})", total=len(pending))
-            def find(item: tuple[str, Path]) -> tuple[Any, Any]:  # decoded and proposed ahead (bicm.prefetch)
-                pil = load_image(item[1], exif_transpose=False)
-                return pil, maker(pil, item[0])
+    return maker, namer
 
-            for (key, path), ready in ahead(pending, find):
-                try:
-                    pil, found = ready.get()
-                    found = found.sanitize(pil.width, pil.height).proposals
-                    if namer is not None and len(found) and not found.fully_named:
-                        found = namer.name(found, pil)
-                    found.meta["image_size"] = [pil.width, pil.height]
-                    found.meta["versions"] = versions()
-                    out.add(key, found)
-                except BicmError as exc:  # one bad image must not stop a dataset
-                    failed.append(f"{key}: {exc}")
-                progress.advance(task)
-    for line in failed[:10]:
-        print(f"bicm: warning: skipped {line}", file=sys.stderr)
-    if failed:
-        print(f"bicm: warning: {len(failed)} image(s) skipped; rerun the same command to retry them", file=sys.stderr)
-    print(f"bicm: {len(todo) - len(failed)} of {len(todo)} images in {output}", file=sys.stderr)
 
+def find_proposals(maker: Any, key: str, path: Path) -> Any:
+    """One image decoded and its proposals found: ``(image, proposals)``, or the text of the
+    :class:`BicmError` that stopped them (one bad image must not stop a dataset)."""
+    from .imageio import load_image
+
+    try:
+        pil = load_image(path, exif_transpose=False)
+        return pil, maker(pil, key)
+    except BicmError as exc:
+        return str(exc)
+
+
+def name_proposals(namer: Any, found: Any) -> Any:
+    """:func:`find_proposals`'s result sanitized, named (with a namer), with its image size and
+    versions; or the error text."""
+    from .provenance import versions
+
+    if isinstance(found, str):
+        return found
+    pil, proposals = found
+    try:
+        proposals = proposals.sanitize(pil.width, pil.height).proposals
+        if namer is not None and len(proposals) and not proposals.fully_named:
+            proposals = namer.name(proposals, pil)
+    except BicmError as exc:
+        return str(exc)
+    proposals.meta["image_size"] = [pil.width, pil.height]
+    proposals.meta["versions"] = versions()
+    return proposals
+
+
+def propose_image(maker: Any, namer: Any, key: str, path: Path) -> Any:
+    """One image's proposals, sanitized, named, with their image size and versions; or the
+    text of the :class:`BicmError` that stopped them (a Ray worker's unit of work)."""
+    return name_proposals(namer, find_proposals(maker, key, path))
 
 
 def _collect_images(paths: List[Path]) -> list[tuple[str, Path]]:

@@ -211,6 +211,7 @@ def run_eval(
     progress: bool = True,
     on_image: Optional[Callable[[int], None]] = None,
     prefetch: int = DEFAULT_DEPTH,
+    cluster: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``rows`` on ``samples`` and write predictions, summary and table.
 
@@ -221,6 +222,8 @@ def run_eval(
     on_image: called with the number of finished images (tests use it).
     prefetch: images decoded, given proposals and cut into crops ahead of the model, on one
         background thread (:mod:`bicm.prefetch`; 0: none). The same predictions either way.
+    cluster: a :class:`bicm.cluster.RayEngine` that computes the images' records on a Ray
+        cluster (the same records); ``None``: this process.
 
     Returns
     -------
@@ -263,8 +266,12 @@ def run_eval(
             hits = {"n": 0, "k": 0}
             with ProgressBar(progress, "eval", len(chosen), done_queries) as bar, kept_on_interrupt(out, len(chosen), "queries"):
                 prepare = functools.partial(_prepare_image, grounder, image_root, needs, source)
-                for index, ((image_file, group), ready) in enumerate(ahead(todo, prepare, prefetch)):
-                    records = _evaluate_image(grounder, image_root, image_file, group, rows, needs, source, ready)
+                computed = (  # locally: the next images prepared ahead (bicm.prefetch)
+                    (_evaluate_image(grounder, image_root, image_file, group, rows, needs, source, ready)
+                     for (image_file, group), ready in ahead(todo, prepare, prefetch))
+                    if cluster is None else cluster.eval_images(todo, image_root, rows, needs, oracle=source == "oracle")
+                )
+                for index, records in enumerate(computed):
                     records = [r for r in records if str(r["id"]) not in out.done]  # the same values, written once
                     errors += sum(1 for r in records if r.get("error"))
                     with deferred():  # Ctrl-C never cuts an image's records in half

@@ -57,13 +57,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backbone import Backbone
     from .proposals.sources import ProposalSource
 
-__all__ = ["option", "Group", "groups", "ModelOptions", "SourceOptions", "MethodOptions", "RunOptions"]
+__all__ = ["option", "Group", "groups", "ModelOptions", "SourceOptions", "MethodOptions", "RunOptions", "EngineOptions"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 SsMode = Literal["fast", "quality"]
 FileFormat = Literal["auto", "bicm", "reclip", "tsv"]
 BoxFormat = Literal["xyxy", "xywh"]
+Engine = Literal["local", "ray"]
 #: ``paper``: the dataset's own protocol in ``bicm eval`` (:func:`bicm.config.paper_selection`),
 #: the argmax where there is no dataset.
 SelectionChoice = Literal["paper", SelectionPolicy]
@@ -336,14 +337,41 @@ class RunOptions:
     no_cache: bool = option(False, "--no-cache", help="Compute everything, store nothing in the cache.")
     no_progress: bool = option(False, "--no-progress", help="No progress bars.")
 
+    @property
+    def cache_path(self) -> Path:
+        """``--cache``, or ``features.sqlite`` under ``$XDG_CACHE_HOME/bicm`` (``~/.cache/bicm``)."""
+        return self.cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicm" / "features.sqlite"
+
     def feature_cache(self) -> Any:
         """The :class:`~bicm.cache.FeatureCache`, or ``None`` with ``--no-cache``."""
         if self.no_cache:
             return None
         from .cache import FeatureCache
 
-        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bicm" / "features.sqlite"
-        return FeatureCache(self.cache or default)
+        return FeatureCache(self.cache_path)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where the per-image work runs: this process, or a Ray cluster (:mod:`bicm.cluster`).
+
+    The results are the same either way; with ``ray`` the images are a Ray Dataset whose
+    batches (whole images with all their queries) go to ``workers`` actors, each holding one
+    model, and this process writes the run folder as the local engine does.
+    """
+
+    engine: Engine = option("local", help="local: this process; ray: a Ray cluster (needs the bicm[ray] extra; see README, Cluster).")
+    ray_address: Optional[str] = option(
+        None, help="Ray cluster to join (host:port of 'ray start --head', ray://host:10001, or auto) [default: start a local Ray runtime]."
+    )
+    workers: int = option(2, help="Ray actors, each loading the model once.")
+    gpus_per_worker: float = option(0.0, help="GPUs each Ray actor reserves (e.g. 1, or 0.5 to put two on a GPU).")
+    cpus_per_worker: float = option(1.0, help="CPUs each Ray actor reserves.")
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether the work goes to Ray."""
+        return self.engine == "ray"
 
 
 def resolve_lambda_t(value: str, model: Optional[str], checkpoint: Optional[Path]) -> float:

@@ -53,6 +53,13 @@ __all__ = [
 ]
 
 TABLE7_THRESHOLDS = (0.6, 0.7, 0.8, 0.9)
+#: Queries encoded (and matched) at once.
+QUERY_CHUNK = 4096
+#: Images matched against a query chunk in one matrix product. Fixed, so that an image's
+#: similarities are computed in the same product (same shape, same rows) by the local engine
+#: and by a Ray worker given the same block: a matrix product's rows depend, in their last
+#: bits, on the shape of the product they are computed in.
+MATCH_BLOCK = 64
 Truth = dict[tuple[str, str], list[tuple[float, float, float, float]]]
 
 
@@ -86,9 +93,10 @@ def best_queries(
     image_feats: torch.Tensor,
     queries: Sequence[str],
     encode_text: Callable[[Sequence[str]], torch.Tensor],
-    chunk: int = 4096,
+    chunk: int = QUERY_CHUNK,
     max_block: int = 1 << 24,
     progress: Optional[Callable[[int], None]] = None,
+    rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best query of every image by cosine similarity, streaming the queries.
 
@@ -97,6 +105,7 @@ def best_queries(
     image_feats: ``(N, E)`` L2-normalised image embeddings.
     queries: Q texts; ``encode_text`` maps a list of texts to ``(n, E)`` L2-normalised rows.
     chunk: queries encoded at once; max_block: most similarity entries held at once.
+    rows: images per matrix product instead (fixed: the same images give the same bits).
 
     Returns
     -------
@@ -108,14 +117,14 @@ def best_queries(
     index = torch.zeros(n, dtype=torch.long)
     feats = image_feats.float().cpu()
     for start in range(0, len(queries), chunk):
-        q = encode_text(list(queries[start : start + chunk])).float().cpu()  # (c, E)
-        rows = max(1, max_block // max(1, q.shape[0]))
-        for r in range(0, n, rows):
-            sims = feats[r : r + rows] @ q.T  # (rows, c)
+        q = encode_text(list(queries[start : start + chunk])).float().cpu().contiguous()  # (c, E)
+        step = rows or max(1, max_block // max(1, q.shape[0]))
+        for r in range(0, n, step):
+            sims = feats[r : r + step] @ q.T  # (step, c)
             value, where = sims.max(dim=1)
-            better = value > best[r : r + rows]
-            best[r : r + rows] = torch.where(better, value, best[r : r + rows])
-            index[r : r + rows] = torch.where(better, where + start, index[r : r + rows])
+            better = value > best[r : r + step]
+            best[r : r + step] = torch.where(better, value, best[r : r + step])
+            index[r : r + step] = torch.where(better, where + start, index[r : r + step])
         if progress is not None:
             progress(min(len(queries), start + chunk))
     return index, best
@@ -135,13 +144,15 @@ def run_pseudo_label(
     queries_desc: str = "",
     progress: bool = True,
     on_pair: Optional[Callable[[int], None]] = None,
+    cluster: Any = None,
 ) -> dict[str, Any]:
     """Pseudo-label unpaired ``images`` (``(key, path)``) with ``queries``.
 
     ``grounder.config`` grounds each pair (QAM+COM+SF by default; KAM is never used to make
     its own labels). Writes ``run.json``, ``matches.jsonl``, ``pairs.jsonl``,
     ``labels.jsonl``, ``kam_features.sqlite``, ``summary.json`` and, with ``truth``,
-    ``table7.md``. Returns the summary.
+    ``table7.md``. Returns the summary. ``cluster``: a :class:`bicm.cluster.RayEngine` that
+    embeds, matches and grounds on a Ray cluster (the same files); ``None``: this process.
     """
     out_dir = Path(out_dir)
     if not images:
@@ -169,7 +180,7 @@ def run_pseudo_label(
         features_above=features_above,
     )
     check_run_file(out_dir, run, kind="pseudo-label")
-    matches = _match(grounder, images, queries, out_dir, progress)
+    matches = _match(grounder, images, queries, out_dir, progress, cluster)
 
     store = _kam_store(out_dir / "kam_features.sqlite")
     pairs_path = out_dir / "pairs.jsonl"
@@ -181,8 +192,13 @@ def run_pseudo_label(
             labels = 0
             with ProgressBar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
                 prepare = functools.partial(_prepare_pair, grounder, source)
-                for count, (match, ready) in enumerate(ahead(todo, prepare, DEFAULT_DEPTH), start=1):
-                    record = _ground_pair(grounder, cfg, match, source, store, features_above, ready)
+                grounded = (  # locally: the next pairs' images prepared ahead (bicm.prefetch)
+                    (ground_pair(grounder, cfg, match, source, features_above, ready) for match, ready in ahead(todo, prepare, DEFAULT_DEPTH))
+                    if cluster is None else cluster.ground_pairs(todo, cfg, features_above)
+                )
+                for count, (record, stored) in enumerate(grounded, start=1):
+                    if stored:
+                        store.put_many(stored)
                     out.append([record])
                     labels += record.get("score") is not None and record["score"] > thr_k
                     bar.advance(1, f"{labels} labels")
@@ -215,45 +231,86 @@ def run_pseudo_label(
     return summary
 
 
-def _match(grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list[str], out_dir: Path, progress: bool) -> list[dict]:
-    """Stage 1 (cached in ``matches.jsonl``): the best query of every image."""
+def _match(
+    grounder: Grounder, images: Sequence[tuple[str, Path]], queries: list[str], out_dir: Path, progress: bool, cluster: Any = None
+) -> list[dict]:
+    """Stage 1 (cached in ``matches.jsonl``): the best query of every image, here or on ``cluster``
+    (image blocks of :data:`MATCH_BLOCK` matched on the workers against query embeddings
+    computed once here)."""
     path = out_dir / "matches.jsonl"
     if path.is_file():
         found = list(read_jsonl(path))
         if [m["id"] for m in found] == [key for key, _ in images]:
             return found
-    spec = grounder.backbone.spec
-    feats, keep, errors = [], [], {}
-    with ProgressBar(progress, "embed images", len(images)) as bar:
-        for key, file in images:
-            try:
-                pil = load_image(file, exif_transpose=False)
-                feats.append(grounder.encoder.image(pil, spec).float().cpu())
-                keep.append(key)
-            except BicmError as exc:  # one bad image must not end the run
-                errors[key] = str(exc)
-            bar.advance()
-    if not keep:
-        raise BicmError("none of the images could be read")
-    with ProgressBar(progress, "match queries", len(queries)) as bar:
-        done = [0]
-
-        def tick(n: int) -> None:
-            bar.advance_to(n)
-            done[0] = n
-
-        index, sims = best_queries(torch.stack(feats), queries, grounder.encoder.text, progress=tick)
-    by_key = {key: (int(i), float(s)) for key, i, s in zip(keep, index.tolist(), sims.tolist())}
-    files = dict(images)
+    if cluster is None:
+        with ProgressBar(progress, "embed images", len(images)) as bar:
+            feats, errors = _embed_images(grounder, images, bar.advance)
+        if feats is None:
+            raise BicmError("none of the images could be read")
+        with ProgressBar(progress, "match queries", len(queries)) as bar:
+            index, sims = best_queries(feats, queries, grounder.encoder.text, progress=bar.advance_to, rows=MATCH_BLOCK)
+        best = list(zip(index.tolist(), sims.tolist()))
+    else:
+        text = query_embeddings(grounder, queries)
+        blocks = [images[i : i + MATCH_BLOCK] for i in range(0, len(images), MATCH_BLOCK)]
+        best, errors = [], {}
+        with ProgressBar(progress, "embed and match images", len(images)) as bar:
+            for found_best, found_errors in cluster.match(blocks, text):
+                best += found_best
+                errors.update(found_errors)
+                bar.advance(len(found_best))
+        if len(errors) == len(images):
+            raise BicmError("none of the images could be read")
     out = []
-    for key, _ in images:
-        if key in by_key:
-            qi, sim = by_key[key]
-            out.append({"id": key, "image": str(files[key]), "query": queries[qi], "similarity": round(sim, 6)})
+    for (key, file), (qi, sim) in zip(images, best):
+        if key in errors:
+            out.append({"id": key, "image": str(file), "query": None, "similarity": None, "error": errors[key]})
         else:
-            out.append({"id": key, "image": str(files[key]), "query": None, "similarity": None, "error": errors[key]})
+            out.append({"id": key, "image": str(file), "query": queries[qi], "similarity": round(sim, 6)})
     atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in out))
     return out
+
+
+def _embed_images(
+    grounder: Grounder, images: Sequence[tuple[str, Path]], tick: Optional[Callable[[], None]] = None
+) -> tuple[Optional[torch.Tensor], dict[str, str]]:
+    """``(N, E)`` whole-image embeddings (a row of zeros for an unreadable image: rows stay
+    where their images are) and the errors by key; ``None`` when no image could be read."""
+    spec = grounder.backbone.spec
+    rows: list[Optional[torch.Tensor]] = []
+    errors: dict[str, str] = {}
+    for key, file in images:
+        try:
+            pil = load_image(file, exif_transpose=False)
+            rows.append(grounder.encoder.image(pil, spec).float().cpu())
+        except BicmError as exc:  # one bad image must not end the run
+            errors[key] = str(exc)
+            rows.append(None)
+        if tick is not None:
+            tick()
+    read = [r for r in rows if r is not None]
+    if not read:
+        return None, errors
+    return torch.stack([torch.zeros_like(read[0]) if r is None else r for r in rows]), errors
+
+
+def query_embeddings(grounder: Grounder, queries: Sequence[str], chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """``(Q, E)`` float32 embeddings of the queries, encoded in the chunks :func:`best_queries`
+    encodes them in (so they are the same bits)."""
+    return torch.cat([grounder.encoder.text(list(queries[s : s + chunk])).float().cpu() for s in range(0, len(queries), chunk)])
+
+
+def embed_and_match(
+    grounder: Grounder, block: Sequence[tuple[str, Path]], text: torch.Tensor
+) -> tuple[list[tuple[int, float]], dict[str, str]]:
+    """A Ray worker's part of stage 1: the best query (index, similarity) of each image of
+    ``block`` (at most :data:`MATCH_BLOCK` images, one matrix product per query chunk, as the
+    local engine computes it) against the query embeddings ``text``, and the errors by key."""
+    feats, errors = _embed_images(grounder, block)
+    if feats is None:
+        return [(0, 0.0)] * len(block), errors
+    index, sims = best_queries(feats, range(len(text)), lambda ids: text[ids[0] : ids[-1] + 1].clone(), rows=len(block))
+    return list(zip(index.tolist(), sims.tolist())), errors
 
 
 def calibrate_lambda(
@@ -319,26 +376,27 @@ def _prepare_pair(grounder: Grounder, source: Optional[ProposalSource], match: d
     return grounder.prepare(pil, source, image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True), crops=True)
 
 
-def _ground_pair(
+def ground_pair(
     grounder: Grounder,
     cfg: BiCMConfig,
     match: dict,
     source: Optional[ProposalSource],
-    store: FeatureCache,
     features_above: float,
     ready: Optional[Ahead[Optional[PreparedImage]]] = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Optional[dict[CacheKey, Any]]]:
+    """Stage 2 for one pair: its ``pairs.jsonl`` record, and the KAM inputs to store (for a
+    score of at least ``features_above``; else ``None``). ``ready``: its image prepared ahead."""
     record: dict[str, Any] = {"id": match["id"], "image": match["image"], "query": match["query"], "similarity": match["similarity"]}
     if match.get("error"):
-        return {**record, "box": None, "score": None, "error": match["error"]}
+        return {**record, "box": None, "score": None, "error": match["error"]}, None
     try:
         image: Any = ready.get() if ready is not None else _prepare_pair(grounder, source, match)
         features = grounder.extract(image, [match["query"]], image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True))
     except BicmError as exc:
-        return {**record, "box": None, "score": None, "error": str(exc)}
+        return {**record, "box": None, "score": None, "error": str(exc)}, None
     result = grounder.score(features, cfg)[0]
     if result.box is None:
-        return {**record, "box": None, "score": None, "candidates": 0}
+        return {**record, "box": None, "score": None, "candidates": 0}, None
     c = result.candidates
     chosen = result.selected[0]
     components = {k: None if getattr(c, k) is None else round(float(getattr(c, k)[chosen]), 6) for k in ("s_pq", "s_cq", "s_td")}
@@ -356,9 +414,9 @@ def _ground_pair(
         tensors = {"fi": features.image_feat.cpu(), "fq": features.text[0].cpu(), "fp": fp.half().cpu(), "boxes": c.boxes}
         if fc is not None:
             tensors["fc"] = fc.half().cpu()
-        store.put_many({pair_key(match["id"]): (tensors, {"target": result.selected, "score": float(result.score)})})
         record["features"] = True
-    return record
+        return record, {pair_key(match["id"]): (tensors, {"target": result.selected, "score": float(result.score)})}
+    return record, None
 
 
 def pair_key(pair_id: str) -> CacheKey:
