@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import socket
 import warnings
 from contextlib import contextmanager
@@ -192,8 +191,23 @@ class _Worker:
         self.state = self.job.setup()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = [pickle.dumps(self.job(self.state, pickle.loads(bytes(item))), protocol=5) for item in batch["item"]]
+        import numpy as np
+
+        out = np.empty(len(batch["item"]), dtype=object)  # one cell per result, whatever its shape
+        for i, item in enumerate(batch["item"]):
+            out[i] = _Cell(self.job(self.state, item.value))
         return {"result": out}
+
+
+class _Cell:
+    """One item or result as ONE object cell of a Ray Dataset (numpy never unpacks it into
+    an array of its own). Ray moves it between the driver and its workers with its own
+    serialiser; bicm itself unpickles nothing (a Ray cluster is a trusted network: README)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 def _worker_for(job: Any) -> type:
@@ -220,14 +234,12 @@ class RayEngine:
         context.execution_options.preserve_order = True  # the records arrive (and are written) in the local order
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        dataset = ray.data.from_items(
-            [{"item": pickle.dumps(item, protocol=5)} for item in items], override_num_blocks=min(len(items), 200)
-        )
+        dataset = ray.data.from_items([{"item": _Cell(item)} for item in items], override_num_blocks=min(len(items), 200))
         workers = min(self.options.workers, len(items))
         with warnings.catch_warnings():  # Ray 2.60 names these "ray_remote_args" and would rather infer them
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             mapped = self._map_batches(dataset, job, workers)
-        return (pickle.loads(bytes(r)) for batch in mapped.iter_batches(batch_size=None, batch_format="numpy") for r in batch["result"])
+        return (cell.value for batch in mapped.iter_batches(batch_size=None, batch_format="numpy") for cell in batch["result"])
 
     def _map_batches(self, dataset: Any, job: Any, workers: int) -> Any:
         ray = self.ray
