@@ -156,3 +156,13 @@ def test_eval_with_work_ahead_writes_byte_identical_predictions(tmp_path, backen
         text[depth] = (out / "predictions.jsonl").read_bytes()
     assert text[0] == text[2] and len(text[0].splitlines()) == 12
     assert json.loads((tmp_path / "run2" / "run.json").read_text())["config"]["crop_backend"] == backend
+
+
+def test_prefetch_depth_follows_the_device():
+    """Ahead on a GPU; not on a CPU, where the preparing thread took cores from the encoder
+    (measured slower: benchmarks/README.md)."""
+    from bicm.prefetch import DEFAULT_DEPTH, default_depth
+
+    assert default_depth(torch.device("cpu")) == 0
+    assert default_depth(torch.device("cuda", 0)) == DEFAULT_DEPTH > 0
+    assert default_depth("cuda:1") == DEFAULT_DEPTH

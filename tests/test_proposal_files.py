@@ -196,3 +196,30 @@ def test_ground_with_selective_search_and_vg1600_names(tmp_path, tiny_checkpoint
     assert record["proposal_source"].startswith("selective-search")
     assert len(record["candidates"]) >= 2 and all(c["class_name"] for c in record["candidates"])
     assert all(c["s_cq"] is not None for c in record["candidates"])
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_extract_with_images_prepared_ahead_writes_the_same_file(tmp_path, monkeypatch, depth):
+    """proposals extract prepares images ahead where the model is on a GPU (prefetch.default_depth);
+    forced on here, the file is the same, and a bad image is still skipped with its reason."""
+    import bicm.prefetch
+
+    monkeypatch.setattr(bicm.prefetch, "default_depth", lambda device: depth)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, size in enumerate([(120, 90), (200, 160), (90, 120)]):
+        draw_scene(*size).save(folder / f"{i}.png")
+    (folder / "3-broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / f"props-{depth}.jsonl"
+    done = run("proposals", "extract", folder, "-o", out, "--top-n", "5")
+    assert done.exit_code == 0, done.stderr
+    assert "3-broken.png" in done.stderr and "1 image(s) skipped" in done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in records] == ["0.png", "1.png", "2.png"]
+    boxes = [r["boxes"] for r in records]
+    assert all(1 <= len(b) <= 5 for b in boxes)
+    # the same boxes as the images computed one after the other, inline
+    monkeypatch.setattr(bicm.prefetch, "default_depth", lambda device: 0)
+    inline = tmp_path / "inline.jsonl"
+    assert run("proposals", "extract", folder, "-o", inline, "--top-n", "5").exit_code == 0
+    assert [json.loads(line)["boxes"] for line in inline.read_text().splitlines()] == boxes

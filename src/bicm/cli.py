@@ -682,7 +682,8 @@ def proposals_extract(
     _check_output(output, "--output")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .prefetch import ahead
+    from .devices import resolve_device
+    from .prefetch import ahead, default_depth
     from .proposals.files import DetectionsAppender
 
     todo = _collect_images(images)
@@ -697,7 +698,10 @@ def proposals_extract(
             title = source.proposals if maker is None else maker.id.split("(")[0]
             task = progress.add_task(f"proposals ({title})", total=len(pending))
             found_all = (  # locally: the next images decoded and proposed ahead (bicm.prefetch), named here
-                ((key, name_proposals(namer, ready.get())) for (key, _), ready in ahead(pending, lambda item: find_proposals(maker, *item)))
+                (
+                    (key, name_proposals(namer, find_proposals(maker, key, path) if ready is None else ready.get()))
+                    for (key, path), ready in ahead(pending, lambda item: find_proposals(maker, *item), default_depth(resolve_device(model.device)))
+                )
                 if cluster is None else cluster.propose(model, source, pending)
             )
             for key, found in found_all:

@@ -41,7 +41,7 @@ from .imageio import load_image
 from .interrupt import deferred
 from .jsonl import JsonlAppender, read_jsonl
 from .paper import paper_numbers
-from .prefetch import DEFAULT_DEPTH, Ahead, ahead
+from .prefetch import Ahead, ahead, default_depth
 from .provenance import versions
 from .proposals import Proposals
 from .proposals.sources import ORACLE_ID, ProposalSource
@@ -210,7 +210,7 @@ def run_eval(
     limit: Optional[int] = None,
     progress: bool = True,
     on_image: Optional[Callable[[int], None]] = None,
-    prefetch: int = DEFAULT_DEPTH,
+    prefetch: Optional[int] = None,
     cluster: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``rows`` on ``samples`` and write predictions, summary and table.
@@ -221,7 +221,8 @@ def run_eval(
         as the oracle everywhere), or ``None`` (no proposals: QAM's box alone).
     on_image: called with the number of finished images (tests use it).
     prefetch: images decoded, given proposals and cut into crops ahead of the model, on one
-        background thread (:mod:`bicm.prefetch`; 0: none). The same predictions either way.
+        background thread (:mod:`bicm.prefetch`; 0: none; default: by the model's device,
+        :func:`bicm.prefetch.default_depth`). The same predictions either way.
     cluster: a :class:`bicm.cluster.RayEngine` that computes the images' records on a Ray
         cluster (the same records); ``None``: this process.
 
@@ -268,7 +269,7 @@ def run_eval(
                 prepare = functools.partial(_prepare_image, grounder, image_root, needs, source)
                 computed = (  # locally: the next images prepared ahead (bicm.prefetch)
                     (_evaluate_image(grounder, image_root, image_file, group, rows, needs, source, ready)
-                     for (image_file, group), ready in ahead(todo, prepare, prefetch))
+                     for (image_file, group), ready in ahead(todo, prepare, default_depth(grounder.backbone.device) if prefetch is None else prefetch))
                     if cluster is None else cluster.eval_images(todo, image_root, rows, needs, oracle=source == "oracle")
                 )
                 for index, records in enumerate(computed):

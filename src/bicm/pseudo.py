@@ -35,7 +35,7 @@ from .safeload import json_loads, regular_file
 from .evaluate import wilson_interval
 from .imageio import load_image
 from .jsonl import JsonlAppender, read_jsonl
-from .prefetch import DEFAULT_DEPTH, Ahead, ahead
+from .prefetch import Ahead, ahead, default_depth
 from .proposals.sources import ProposalSource
 from .runs import ProgressBar, check_run_file, print_note
 
@@ -193,7 +193,7 @@ def run_pseudo_label(
             with ProgressBar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
                 prepare = functools.partial(_prepare_pair, grounder, source)
                 grounded = (  # locally: the next pairs' images prepared ahead (bicm.prefetch)
-                    (ground_pair(grounder, cfg, match, source, features_above, ready) for match, ready in ahead(todo, prepare, DEFAULT_DEPTH))
+                    (ground_pair(grounder, cfg, match, source, features_above, ready) for match, ready in ahead(todo, prepare, default_depth(grounder.backbone.device)))
                     if cluster is None else cluster.ground_pairs(todo, cfg, features_above)
                 )
                 for count, (record, stored) in enumerate(grounded, start=1):
