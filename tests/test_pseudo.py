@@ -131,6 +131,18 @@ def test_features_above_must_not_exceed_thr_k(tmp_path, world, grounder):
         _run(grounder.with_config(components=("qam",)), data, tmp_path / "y")
 
 
+def test_a_second_pseudo_label_into_the_same_folder_is_refused(tmp_path, world, grounder):
+    """Two runs appending to one pairs.jsonl would write every pair twice: the second is refused
+    at once, before any work, and the folder is free again afterwards."""
+    from bicm.atomic import folder_lock
+
+    data = shapes_unpaired(world, "shapes-ref", reveal_truth=False)
+    with folder_lock(tmp_path / "run", "bicm pseudo-label"):  # the first run, still writing
+        with pytest.raises(BicmError, match="another bicm pseudo-label is writing to"):
+            _run(grounder, data, tmp_path / "run")
+        assert not (tmp_path / "run" / "matches.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_cli_pseudo_label_train_kam_ground_and_eval(tmp_path, world, tiny_checkpoint):
     run_dir, model = tmp_path / "pl", tmp_path / "kam.safetensors"

@@ -27,7 +27,7 @@ from PIL import Image
 
 from . import com
 from .backbone import Backbone, load_backbone
-from .cache import FeatureCache
+from .cache import FeatureCache, MemoryFeatureCache
 from .config import COMPONENTS, DEFAULT_NAME_TEMPLATE, BiCMConfig, Needs
 from .crops import crop_uint8, resolve_crop_backend
 from .encoder import Encoder
@@ -68,7 +68,8 @@ class Grounder:
         :class:`~bicm.proposals.naming.Vocabulary`), so COM can use ``S_CQ``; or a ready
         :class:`~bicm.proposals.naming.ClipNamer`.
     name_template: the prompt of each vocabulary name when naming.
-    cache: a :class:`~bicm.cache.FeatureCache` for text, crop and proposal computations.
+    cache: a :class:`~bicm.cache.FeatureCache` (SQLite) or :class:`~bicm.cache.MemoryFeatureCache`
+        for text, crop and proposal computations.
     kam: a trained :class:`~bicm.kam.KamModel` (or its file) for the ``"kam"`` component; it
         must have been trained on this backbone. Giving one adds ``"kam"`` to the components
         of the default config.
@@ -84,7 +85,7 @@ class Grounder:
         proposals: SourceLike = None,
         name_with: NamingLike = None,
         name_template: str = DEFAULT_NAME_TEMPLATE,
-        cache: Optional[FeatureCache] = None,
+        cache: Union[FeatureCache, MemoryFeatureCache, None] = None,
         kam: Union[KamModel, str, Path, None] = None,
         class_names: Optional[com.ClassNameEncoder] = None,
     ) -> None:
@@ -131,7 +132,7 @@ class Grounder:
         proposals: SourceLike = None,
         name_with: NamingLike = None,
         name_template: str = DEFAULT_NAME_TEMPLATE,
-        cache: Optional[FeatureCache] = None,
+        cache: Union[FeatureCache, MemoryFeatureCache, None] = None,
         kam: Union[str, Path, None] = None,
         **overrides: Any,
     ) -> "Grounder":

@@ -28,7 +28,7 @@ from torchvision.ops import box_iou
 
 from .api import Grounder, PreparedImage
 from .config import BiCMConfig, Needs, config_dict, same_method
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, folder_lock
 from .cache import CacheKey, FeatureCache
 from .errors import BicmError, warn
 from .safeload import json_loads, regular_file
@@ -179,56 +179,57 @@ def run_pseudo_label(
         thr_k=thr_k,
         features_above=features_above,
     )
-    check_run_file(out_dir, run, kind="pseudo-label")
-    matches = _match(grounder, images, queries, out_dir, progress, cluster)
+    with folder_lock(out_dir, "bicm pseudo-label"):  # a second pseudo-label into the same --out is refused
+        check_run_file(out_dir, run, kind="pseudo-label")
+        matches = _match(grounder, images, queries, out_dir, progress, cluster)
 
-    store = _kam_store(out_dir / "kam_features.sqlite")
-    pairs_path = out_dir / "pairs.jsonl"
-    try:
-        with JsonlAppender(pairs_path, key_field="id") as out:
-            todo = [m for m in matches if m["id"] not in out.done]
-            if len(todo) < len(matches):
-                print_note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
-            labels = 0
-            with ProgressBar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
-                prepare = functools.partial(_prepare_pair, grounder, source)
-                grounded = (  # locally: the next pairs' images prepared ahead (bicm.prefetch)
-                    (ground_pair(grounder, cfg, match, source, features_above, ready) for match, ready in ahead(todo, prepare, default_depth(grounder.backbone.device)))
-                    if cluster is None else cluster.ground_pairs(todo, cfg, features_above)
-                )
-                for count, (record, stored) in enumerate(grounded, start=1):
-                    if stored:
-                        store.put_many(stored)
-                    out.append([record])
-                    labels += record.get("score") is not None and record["score"] > thr_k
-                    bar.advance(1, f"{labels} labels")
-                    if on_pair is not None:
-                        on_pair(count)
-    finally:
-        store.close()
-    records = {r["id"]: r for r in read_jsonl(pairs_path)}
-    pairs = [records[m["id"]] for m in matches if m["id"] in records]
-    labels = [r for r in pairs if r.get("score") is not None and r["score"] > thr_k]
-    atomic_write_text(out_dir / "labels.jsonl", "".join(json.dumps(_label(r)) + "\n" for r in labels))
-    summary: dict[str, Any] = {
-        "images": len(images),
-        "queries": len(queries),
-        "pairs": len(pairs),
-        "errors": sum(1 for r in pairs if r.get("error")),
-        "thr_k": thr_k,
-        "labels": len(labels),
-        "features_above": features_above,
-        "model": run.model,
-        "proposals": run.proposals,
-        "components": list(cfg.components),
-    }
-    if truth is not None:
-        summary["table7"] = precision_table(pairs, truth, sorted(set(TABLE7_THRESHOLDS) | {thr_k}))
-        atomic_write_text(out_dir / "table7.md", table7_markdown(summary["table7"], run.model))
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    if summary["errors"]:
-        warn(f"{summary['errors']} images could not be read (see 'error' in {pairs_path}); they give no label")
-    return summary
+        store = _kam_store(out_dir / "kam_features.sqlite")
+        pairs_path = out_dir / "pairs.jsonl"
+        try:
+            with JsonlAppender(pairs_path, key_field="id") as out:
+                todo = [m for m in matches if m["id"] not in out.done]
+                if len(todo) < len(matches):
+                    print_note(f"resuming: {len(matches) - len(todo)} of {len(matches)} pairs already in {pairs_path}")
+                labels = 0
+                with ProgressBar(progress, "pseudo-label", len(matches), len(matches) - len(todo)) as bar:
+                    prepare = functools.partial(_prepare_pair, grounder, source)
+                    grounded = (  # locally: the next pairs' images prepared ahead (bicm.prefetch)
+                        (ground_pair(grounder, cfg, match, source, features_above, ready) for match, ready in ahead(todo, prepare, default_depth(grounder.backbone.device)))
+                        if cluster is None else cluster.ground_pairs(todo, cfg, features_above)
+                    )
+                    for count, (record, stored) in enumerate(grounded, start=1):
+                        if stored:
+                            store.put_many(stored)
+                        out.append([record])
+                        labels += record.get("score") is not None and record["score"] > thr_k
+                        bar.advance(1, f"{labels} labels")
+                        if on_pair is not None:
+                            on_pair(count)
+        finally:
+            store.close()
+        records = {r["id"]: r for r in read_jsonl(pairs_path)}
+        pairs = [records[m["id"]] for m in matches if m["id"] in records]
+        labels = [r for r in pairs if r.get("score") is not None and r["score"] > thr_k]
+        atomic_write_text(out_dir / "labels.jsonl", "".join(json.dumps(_label(r)) + "\n" for r in labels))
+        summary: dict[str, Any] = {
+            "images": len(images),
+            "queries": len(queries),
+            "pairs": len(pairs),
+            "errors": sum(1 for r in pairs if r.get("error")),
+            "thr_k": thr_k,
+            "labels": len(labels),
+            "features_above": features_above,
+            "model": run.model,
+            "proposals": run.proposals,
+            "components": list(cfg.components),
+        }
+        if truth is not None:
+            summary["table7"] = precision_table(pairs, truth, sorted(set(TABLE7_THRESHOLDS) | {thr_k}))
+            atomic_write_text(out_dir / "table7.md", table7_markdown(summary["table7"], run.model))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        if summary["errors"]:
+            warn(f"{summary['errors']} images could not be read (see 'error' in {pairs_path}); they give no label")
+        return summary
 
 
 def _match(

@@ -47,10 +47,6 @@ __all__ = [
 
 MB = 1024 * 1024
 
-#: Proposal sources the page offers (a detections file is never accepted from a client); with
-#: the shipped shapes CLIP the shapes detector comes first.
-PROPOSAL_CHOICES = ("selective-search", "none")
-
 #: How many of the best candidates the page's score table shows.
 TOP_CANDIDATES = 8
 
