@@ -309,7 +309,7 @@ def _evaluate_image(
     queries = [s.query for s in group]
     records: list[dict[str, Any]] = []
     try:
-        image: Any = ready.get() if ready is not None else _prepare_image(grounder, image_root, needs, source, (image_file, group))
+        image: Any = ready.get() if ready is not None else _prepare_image(grounder, image_root, needs, source, (image_file, group), crops=False)
         # the per-image work once, then the queries chunk by chunk (config.query_chunk): only
         # one chunk's attention maps exist at a time, however many queries the image has
         for features in grounder.iter_extract(image, queries, image_key=image_file, needs=needs):
@@ -324,13 +324,20 @@ def _evaluate_image(
 
 
 def _prepare_image(
-    grounder: Grounder, image_root: Path, needs: Needs, source: Union[ProposalSource, str, None], item: tuple[str, Sequence[GroundingSample]]
+    grounder: Grounder,
+    image_root: Path,
+    needs: Needs,
+    source: Union[ProposalSource, str, None],
+    item: tuple[str, Sequence[GroundingSample]],
+    crops: bool = True,
 ) -> PreparedImage:
-    """An image's work before its CLIP forwards (:meth:`Grounder.prepare`), run ahead by :func:`bicm.prefetch.ahead`."""
+    """An image's work before its CLIP forwards (:meth:`Grounder.prepare`). Run ahead by
+    :func:`bicm.prefetch.ahead`, it cuts the crops too; inline (``crops=False``) the encoder
+    cuts them, the next batch while one encodes."""
     image_file, group = item
     pil = load_image(image_root / image_file, exif_transpose=False)  # annotations use the stored pixels
     props: Any = _oracle(group) if source == "oracle" else source
-    return grounder.prepare(pil, props, image_key=image_file, needs=needs, crops=True)
+    return grounder.prepare(pil, props, image_key=image_file, needs=needs, crops=crops)
 
 
 def _score_chunk(

@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence, TypeVar, Union, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, TypeVar, Union, get_type_hints
 
 import typer
 
@@ -394,7 +394,3 @@ def resolve_lambda_t(value: str, model: Optional[str], checkpoint: Optional[Path
         "compute one with 'bicm pseudo-label --calibrate-lambda-t' on unlabelled images and pass the number"
     )
 
-
-def fields_of(cls: type) -> Sequence[str]:
-    """The option names of a group (for tests and docs)."""
-    return [f.name for f in fields(cls)]

@@ -369,12 +369,13 @@ def calibrate_lambda(
     return summary
 
 
-def _prepare_pair(grounder: Grounder, source: Optional[ProposalSource], match: dict) -> Optional[PreparedImage]:
-    """A pair's image work before its CLIP forwards (run ahead by :func:`bicm.prefetch.ahead`)."""
+def _prepare_pair(grounder: Grounder, source: Optional[ProposalSource], match: dict, crops: bool = True) -> Optional[PreparedImage]:
+    """A pair's image work before its CLIP forwards. Run ahead by :func:`bicm.prefetch.ahead`,
+    it cuts the crops too; inline (``crops=False``) the encoder cuts them, pipelined."""
     if match.get("error"):
         return None
     pil = load_image(match["image"], exif_transpose=False)
-    return grounder.prepare(pil, source, image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True), crops=True)
+    return grounder.prepare(pil, source, image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True), crops=crops)
 
 
 def ground_pair(
@@ -391,7 +392,7 @@ def ground_pair(
     if match.get("error"):
         return {**record, "box": None, "score": None, "error": match["error"]}, None
     try:
-        image: Any = ready.get() if ready is not None else _prepare_pair(grounder, source, match)
+        image: Any = ready.get() if ready is not None else _prepare_pair(grounder, source, match, crops=False)
         features = grounder.extract(image, [match["query"]], image_key=match["id"], needs=grounder.config.needs() | Needs(kam=True))
     except BicmError as exc:
         return {**record, "box": None, "score": None, "error": str(exc)}, None
