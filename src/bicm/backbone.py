@@ -25,7 +25,7 @@ from .errors import BicmError, warn
 from .preprocess import PreprocessSpec, preprocess_many
 from .tower import fast_image_tower
 
-__all__ = ["Backbone", "encode_tokens", "load_backbone"]
+__all__ = ["TEXT_BATCH", "Backbone", "encode_tokens", "load_backbone", "text_lengths"]
 
 
 @dataclass
@@ -141,17 +141,33 @@ class Backbone:
         return self.tokenizer(list(texts)).to(self.device)
 
     @torch.inference_mode()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Encode texts. Returns ``(N, E)`` L2-normalised float32."""
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Encode texts. Returns ``(N, E)`` L2-normalised float32.
+
+        A text's embedding depends on the text alone, bit for bit, not on the texts encoded
+        with it: every forward of the text tower has :data:`TEXT_BATCH` rows (the last batch
+        padded by repeating a row) and a token length from a fixed ladder (4, 8, 16, ... up to
+        the context; the text's own length rounded up, see :func:`text_lengths`). Matrix
+        kernels choose their blocking, and so their rounding, by the shapes; with fixed shapes
+        a phrase or class name gets the same bits whether it is encoded alone, with others,
+        in another process or Ray worker, or comes from the feature cache.
+        """
         if len(texts) == 0:
             return torch.zeros(0, self.embed_dim, device=self.device)
-        out = []
         tokens = self.tokenize(texts)
-        for start in range(0, len(texts), batch_size):
-            with self.autocast():
-                feats = encode_tokens(self.model, tokens[start : start + batch_size])
-            out.append(F.normalize(feats.float(), dim=-1))
-        return torch.cat(out)
+        lengths = text_lengths(self.model, tokens)  # (N,) tokens each text's forward keeps
+        out = torch.empty(len(texts), self.embed_dim, device=self.device)
+        for length in sorted(set(lengths.tolist())):
+            rows = (lengths == length).nonzero().flatten()
+            for start in range(0, rows.numel(), TEXT_BATCH):
+                part = rows[start : start + TEXT_BATCH]
+                batch = tokens[part]
+                if part.numel() < TEXT_BATCH:  # padded with copies of a row: fixed shapes
+                    batch = torch.cat([batch, batch[:1].expand(TEXT_BATCH - part.numel(), -1)])
+                with self.autocast():
+                    feats = encode_tokens(self.model, batch, int(length))
+                out[part] = F.normalize(feats[: part.numel()].float(), dim=-1)
+        return out
 
     # ---- images -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -198,17 +214,57 @@ def _clip_text(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text`` without the padding after the longest end-of-text token.
+#: Rows of every text-tower forward (:meth:`Backbone.encode_text`; fixed, so that the bits of
+#: a text's embedding never depend on its batch). 16 measured fastest for 40 class names and
+#: 15 queries per image on a 2-core CPU (benchmarks/README.md).
+TEXT_BATCH = 16
 
-    CLIP's text transformer is causal and pools at the EOT token, so positions after the
-    last EOT in the batch cannot change any pooled feature: dropping them is exact and
-    saves most of the work (queries are ~5-15 tokens of 77). Models this does not hold for
-    (bidirectional or CLS-pooled text towers) go through ``model.encode_text`` unchanged.
+
+def _trimmable(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s text tower is causal and pools at the end-of-text token (open_clip
+    CLIP with an attention mask and ``argmax``/``eos`` pooling): then the positions after a
+    text's end-of-text token cannot change its feature."""
+    import open_clip
+
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+        and getattr(model, "attn_mask", None) is not None
+    )
+
+
+def _ends(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` index of each row's end-of-text token."""
+    if model.text_pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    return (tokens == model.text_eos_id).int().argmax(dim=-1)
+
+
+def text_lengths(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` token length each row is encoded with by :meth:`Backbone.encode_text`: its own
+    length (through the end-of-text token) rounded up to 4, 8, 16, 32, ... (at most the
+    context), or the whole context for text towers that cannot be trimmed."""
+    context = tokens.shape[1]
+    if not _trimmable(model) or tokens.numel() == 0:
+        return torch.full((tokens.shape[0],), context, dtype=torch.long)
+    needed = (_ends(model, tokens) + 1).clamp(min=1).cpu().double()
+    ladder = (2 ** torch.ceil(torch.log2(needed))).clamp(min=4).long()
+    return ladder.clamp(max=context)
+
+
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+    """``model.encode_text`` without the padding after the end-of-text tokens.
+
+    CLIP's text transformer is causal and pools at the EOT token, so positions after a row's
+    EOT cannot change its pooled feature: dropping them is exact and saves most of the work
+    (queries are ~5-15 tokens of 77). Models this does not hold for (bidirectional or
+    CLS-pooled text towers) go through ``model.encode_text`` unchanged.
 
     Parameters
     ----------
     tokens: ``(N, L)`` token ids.
+    length: tokens kept per row (at least every row's EOT position + 1); default: up to the
+        longest row's EOT.
 
     Returns
     -------
@@ -216,24 +272,17 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     from open_clip.transformer import text_global_pool
 
-    import open_clip
-
-    pool = getattr(model, "text_pool_type", None)
-    mask = getattr(model, "attn_mask", None)
-    if not isinstance(model, open_clip.CLIP) or pool not in ("argmax", "eos") or mask is None:
+    if not _trimmable(model):
         return model.encode_text(tokens)
-    if pool == "argmax":
-        ends = tokens.argmax(dim=-1)
-    else:
-        ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
-    length = int(ends.max().item()) + 1 if tokens.numel() else 1
+    if length is None:
+        length = int(_ends(model, tokens).max().item()) + 1 if tokens.numel() else 1
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=mask[:length, :length])
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = text_global_pool(x, tokens, pool, eos_token_id=getattr(model, "text_eos_id", None))
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     proj = model.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj

@@ -130,12 +130,13 @@ class ClassNameEncoder:
 
     def __call__(self, names: Sequence[str]) -> torch.Tensor:
         """``(N, E)`` L2-normalised embeddings of ``names``."""
-        # one name per forward: a text's embedding depends, in its last bits, on the batch it
-        # is encoded in (padding to the longest, the matrix shapes), and which names are still
-        # missing depends on the images this process saw before; encoded alone, a name has the
-        # same bits in every run, shard, resumed run and Ray worker
-        for name in sorted({n for n in names if n not in self._cache}):
-            self._cache[name] = self.encode_text([self.template.format(name)])[0]
+        # the missing names in one call: the backbone encodes every text with fixed shapes, so
+        # a name's bits do not depend on which names are still missing (which depends on the
+        # images this process saw before): the same in every run, shard and Ray worker
+        missing = sorted({n for n in names if n not in self._cache})
+        if missing:
+            feats = self.encode_text([self.template.format(n) for n in missing])
+            self._cache.update(zip(missing, feats))
         if not names:
             return torch.zeros(0, self.backbone.embed_dim, device=self.backbone.device)
         return torch.stack([self._cache[n] for n in names])
