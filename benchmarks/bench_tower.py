@@ -9,8 +9,9 @@ median over the rounds of its ratio to the first variant (and how many rounds it
 
 Variants (ViT-B-32 with random weights, QuickGELU): the fp32 tower; a plain bf16 copy; then
 `bicm.tower.fast_image_tower`'s rewrites added one by one (SiLU fold, patch embedding as a
-matmul, oneDNN's fused linear+SiLU); batch sizes of the full tower; the full tower with
-PyTorch's fused MHA inference path switched off (what torch.compile and autograd see).
+matmul, oneDNN's fused linear+SiLU, self-attention through scaled_dot_product_attention);
+batch sizes of the full tower; the tower before the attention rewrite with PyTorch's fused MHA
+inference path switched off (what torch.compile and autograd see).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def main() -> None:
         f"plain {args.dtype} copy": copy.deepcopy(visual).to(dtype),
         "+ SiLU fold": fast_image_tower(visual, dtype, fuse=False, patch_matmul=False),
         "+ patch matmul": fast_image_tower(visual, dtype, fuse=False),
-        "+ fused linear+SiLU": full,
-        "full, MHA fast path off": NoFastPath(full),
+        "+ fused linear+SiLU": fast_image_tower(visual, dtype, fused_attention=False),
+        "+ fused attention (SDPA)": full,
+        "fused linear+SiLU, MHA fast path off": NoFastPath(fast_image_tower(visual, dtype, fused_attention=False)),
     }
     variants = {name: (tower, dtype, args.batch) for name, tower in towers.items()}
     variants["fp32 (the model)"] = (visual, torch.float32, args.batch)
@@ -94,7 +96,7 @@ def main() -> None:
         ratios = [a / b for a, b in zip(values, rates[first])]
         print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(ratios):.3f} | {sum(x > 1 for x in ratios)}/{len(ratios)} |")
     print("each step against the one before it:")
-    names = list(towers)[:4]
+    names = list(towers)[:5]
     for prev, cur in zip(names, names[1:]):
         ratios = [a / b for a, b in zip(rates[cur], rates[prev])]
         print(f"  {cur}: x{statistics.median(ratios):.3f} (won {sum(x > 1 for x in ratios)}/{len(ratios)})")

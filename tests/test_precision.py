@@ -86,11 +86,12 @@ def test_cli_precision_option_and_environment(scene_files, tiny_checkpoint):
 
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_fast_tower_computes_the_same_function(quick_gelu):
-    """The rewritten tower (QuickGELU folded into SiLU, patch embedding as a matmul), kept in
-    fp32 here, gives the original tower's output; the original is left as it was."""
+    """The rewritten tower (QuickGELU folded into SiLU, patch embedding as a matmul, fused
+    self-attention), kept in fp32 here, gives the original tower's output; the original is
+    left as it was."""
     from open_clip.transformer import QuickGELU
 
-    from bicm.tower import _PatchProjection, fast_image_tower
+    from bicm.tower import _PatchProjection, _SelfAttention, fast_image_tower
 
     from .helpers import TINY_CFG, make_model
 
@@ -102,11 +103,34 @@ def test_fast_tower_computes_the_same_function(quick_gelu):
     acts = [type(block.mlp.gelu) for block in tower.transformer.resblocks]
     assert acts == [torch.nn.SiLU if quick_gelu else torch.nn.GELU] * len(acts)
     assert any(isinstance(m, QuickGELU) for m in visual.modules()) == quick_gelu  # the original keeps its own
+    assert {type(block.attn) for block in tower.transformer.resblocks} == {_SelfAttention}
     torch.manual_seed(1)
     pixels = torch.randn(5, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(tower(pixels), visual(pixels), rtol=1e-4, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_fused_self_attention_equals_multihead_attention(batch_first):
+    """Same output as nn.MultiheadAttention's self-attention; calls it was not made for (a mask,
+    cross-attention, the weights asked for) go to the original module."""
+    from bicm.tower import _SelfAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    attn = _SelfAttention(mha)
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    other = torch.randn_like(x)
+    mask = torch.triu(torch.full((7, 7), float("-inf")), diagonal=1)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attn(x, x, x, attn_mask=mask)[0], mha(x, x, x, need_weights=False, attn_mask=mask)[0])
+        torch.testing.assert_close(attn(x, other, other)[0], mha(x, other, other, need_weights=False)[0])
+        out, weights = attn(x, x, x, need_weights=True)
+        assert weights is not None
+    assert not _SelfAttention.applies_to(torch.nn.MultiheadAttention(32, 4, add_bias_kv=True))
+    assert not _SelfAttention.applies_to(torch.nn.MultiheadAttention(32, 4, kdim=16, vdim=16))
 
 
 def test_patch_projection_equals_the_convolution_on_any_size():

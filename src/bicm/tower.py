@@ -72,6 +72,47 @@ class _LinearSiLU(torch.nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class _SelfAttention(torch.nn.Module):
+    """An unmasked ``nn.MultiheadAttention`` self-attention as one input projection, PyTorch's
+    fused ``scaled_dot_product_attention`` and the output projection.
+
+    Same function as the module it replaces (``(N, L, D)``, or ``(L, N, D)`` when not
+    batch-first). PyTorch's own inference path for ``nn.MultiheadAttention`` materialises the
+    ``L x L`` scores per head and runs its softmax as a separate pass; the fused kernel keeps
+    them in cache (``benchmarks/README.md``, ``bench_tower.py``). Calls it was not made for (a
+    mask, cross-attention, attention weights asked for) go to the original module.
+    """
+
+    def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.original = mha
+        self.heads, self.batch_first = mha.num_heads, mha.batch_first
+        self.in_weight, self.in_bias = mha.in_proj_weight, mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    @staticmethod
+    def applies_to(module: torch.nn.Module) -> bool:
+        return (
+            type(module) is torch.nn.MultiheadAttention
+            and module._qkv_same_embed_dim
+            and module.in_proj_weight is not None
+            and module.bias_k is None
+            and module.bias_v is None
+            and not module.add_zero_attn
+        )
+
+    def forward(self, query, key, value, need_weights=False, attn_mask=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        if key is not query or value is not query or need_weights or attn_mask is not None or kwargs:
+            return self.original(query, key, value, need_weights=need_weights, attn_mask=attn_mask, **kwargs)
+        x = query if self.batch_first else query.transpose(0, 1)  # (N, L, D)
+        n, length, width = x.shape
+        qkv = F.linear(x, self.in_weight, self.in_bias).view(n, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, L, head_width)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, width)
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
 _FUSED_SILU: dict[torch.dtype, bool] = {}
 
 
@@ -98,7 +139,13 @@ def _fused_silu_available(dtype: torch.dtype) -> bool:
 
 
 def fast_image_tower(
-    visual: torch.nn.Module, dtype: torch.dtype, fuse: bool = True, *, silu: bool = True, patch_matmul: bool = True
+    visual: torch.nn.Module,
+    dtype: torch.dtype,
+    fuse: bool = True,
+    *,
+    silu: bool = True,
+    patch_matmul: bool = True,
+    fused_attention: bool = True,
 ) -> torch.nn.Module:
     """A no-gradient copy of an open_clip image tower with weights in ``dtype``, rewritten to
     compute the same function faster; ``visual`` itself is left untouched.
@@ -112,9 +159,10 @@ def fast_image_tower(
       activation (:class:`_LinearSiLU`), where this torch build has it and ``fuse`` is set
       (not for ``torch.compile``, which fuses by itself and cannot lower that op).
     * The patch embedding becomes a matrix product (:class:`_PatchProjection`).
+    * Self-attention runs through ``scaled_dot_product_attention`` (:class:`_SelfAttention`).
 
-    Any other tower (a ResNet, other activations) is only copied and cast. ``silu`` and
-    ``patch_matmul`` switch the rewrites off (benchmarks/bench_tower.py compares them; the
+    Any other tower (a ResNet, other activations) is only copied and cast. ``silu``,
+    ``patch_matmul`` and ``fused_attention`` switch the rewrites off (benchmarks/bench_tower.py compares them; the
     fused activation needs ``silu``). What each step gains, and how close the embeddings stay
     to fp32: see benchmarks/README.md (``bench_tower.py``).
 
@@ -136,6 +184,8 @@ def fast_image_tower(
     tower = copy.deepcopy(visual).float().eval().requires_grad_(False)
     with torch.no_grad():
         for module in list(tower.modules()):
+            if fused_attention and _SelfAttention.applies_to(getattr(module, "attn", None)):
+                module.attn = _SelfAttention(module.attn)
             mlp = module
             if not isinstance(mlp, torch.nn.Sequential):
                 continue
