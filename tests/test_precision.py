@@ -133,6 +133,36 @@ def test_fused_self_attention_equals_multihead_attention(batch_first):
     assert not _SelfAttention.applies_to(torch.nn.MultiheadAttention(32, 4, kdim=16, vdim=16))
 
 
+def test_text_transformer_is_the_models_own():
+    """The text tower run block by block with the fused attention gives the model's
+    Transformer output under the causal mask; a block of another kind sends the whole tower
+    through the model's own forward."""
+    from bicm.tower import text_transformer
+
+    from .helpers import make_model
+
+    model = make_model()
+    torch.manual_seed(3)
+    x = torch.randn(5, 9, model.transformer.width)
+    mask = model.attn_mask[:9, :9]
+    with torch.inference_mode():
+        expected = model.transformer(x, attn_mask=mask)
+        torch.testing.assert_close(text_transformer(model.transformer, x, mask), expected, rtol=1e-5, atol=1e-5)
+        model.transformer.resblocks[0].attn = _Recorder(model.transformer.resblocks[0].attn)
+        torch.testing.assert_close(text_transformer(model.transformer, x, mask), expected)
+        assert model.transformer.resblocks[0].attn.calls == 1  # the model's own path ran
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
 def test_patch_projection_equals_the_convolution_on_any_size():
     """Also where the image is not a whole number of patches (the convolution drops the rest)."""
     from bicm.tower import _PatchProjection

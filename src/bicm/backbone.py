@@ -23,7 +23,7 @@ from .checkpoints import DEFAULT_MODEL, SHAPES_MODEL, load_from_file, load_from_
 from .devices import dtype_name, resolve_amp, resolve_device, resolve_precision
 from .errors import BicmError, warn
 from .preprocess import PreprocessSpec, preprocess_many
-from .tower import fast_image_tower
+from .tower import fast_image_tower, text_transformer
 
 __all__ = ["TEXT_BATCH", "Backbone", "encode_tokens", "load_backbone", "text_lengths"]
 
@@ -280,7 +280,7 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor, length: Optional
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = text_transformer(model.transformer, x, model.attn_mask[:length, :length])
     x = model.ln_final(x)
     x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     proj = model.text_projection
