@@ -148,14 +148,60 @@ def test_eval_with_work_ahead_writes_byte_identical_predictions(tmp_path, backen
     samples = load_dataset("jsonl", "test", data, image_root=tmp_path / "images")
     grounder = Grounder(make_backbone(), BiCMConfig(crop_backend=backend))
     rows = ablation_rows("table4", grounder.config)
-    text = {}
+    text, batches = {}, {}
     for depth in (0, 2):
         out = tmp_path / f"run{depth}"
-        run_eval(grounder, samples, tmp_path / "images", out, rows, dataset="jsonl", split="test",
-                 source=make_source(str(dets_for(tmp_path))), progress=False, prefetch=depth)
+        with BatchRecorder() as batches[depth]:
+            run_eval(grounder, samples, tmp_path / "images", out, rows, dataset="jsonl", split="test",
+                     source=make_source(str(dets_for(tmp_path))), progress=False, prefetch=depth)
         text[depth] = (out / "predictions.jsonl").read_bytes()
     assert text[0] == text[2] and len(text[0].splitlines()) == 12
+    # the same encoder batches (a crop's bits depend on its batch): proposals and QAM boxes
+    # together whether the proposals' crops were cut ahead or not
+    assert batches[0].sizes == batches[2].sizes and batches[0].sizes
     assert json.loads((tmp_path / "run2" / "run.json").read_text())["config"]["crop_backend"] == backend
+
+
+class BatchRecorder:
+    """Rows of every batch through ``Backbone.encode_pixels``, in order."""
+
+    def __enter__(self) -> "BatchRecorder":
+        from bicm.backbone import Backbone
+
+        self.sizes: list[int] = []
+        self._original = original = Backbone.encode_pixels
+        recorder = self
+
+        def recorded(backbone, pixels, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            recorder.sizes.append(int(pixels.shape[0]))
+            return original(backbone, pixels, *args, **kwargs)
+
+        Backbone.encode_pixels = recorded  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from bicm.backbone import Backbone
+
+        Backbone.encode_pixels = self._original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("ahead_of_time", [False, True])
+def test_qam_crops_join_the_proposal_crops_batches(ahead_of_time):
+    """Proposals' crops and the first chunk's QAM boxes go through the encoder as one run of
+    full batches (n + k crops in batches of 8), not the proposals' batches and then k alone."""
+    grounder = Grounder(make_backbone(), BiCMConfig(crop_batch_size=8))
+    image = _images()[0]
+    boxes = torch.tensor(_boxes(10)).clamp(0, 370)
+    boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 5)
+    queries = ["a red square", "the blue disc on the left", "grass"]
+    ready = grounder.prepare(image, boxes, crops=ahead_of_time)
+    assert (ready.crop_pixels is not None) == ahead_of_time
+    with BatchRecorder() as recorder:
+        inputs = grounder.extract(ready, queries)
+    n, k = len(ready.work_props), len(inputs.qam_crop_feats)
+    assert n % 8 and k >= 1 and recorder.sizes == [8] * ((n + k) // 8) + ([(n + k) % 8] if (n + k) % 8 else [])
+    alone = grounder.encoder.crops(image, ready.work_props.boxes, grounder.backbone.spec, 8)
+    assert torch.allclose(inputs.crop_feats, alone, atol=1e-5)  # the proposals' own crops, in order
 
 
 def test_prefetch_depth_follows_the_device():

@@ -240,7 +240,8 @@ def test_queries_stream_in_chunks_with_the_same_results(grounder, named, monkeyp
         assert a.box == b.box and a.qam_box == b.qam_box
         assert torch.allclose(a.candidates.fused, b.candidates.fused, atol=1e-5)
         assert torch.allclose(a.attention_raw, b.attention_raw, atol=1e-7)
-    assert crop_calls[0] == len(named)  # the proposals' crops once; then only each chunk's QAM boxes
+    # the proposals' crops once, with the first chunk's QAM boxes; then only each chunk's QAM boxes
+    assert len(named) < crop_calls[0] <= len(named) + 2
     assert all(n <= 2 for n in crop_calls[1:]) and len(crop_calls) <= 1 + 5
     chunks = chunked.iter_extract(image, queries, named)
     first = next(chunks)

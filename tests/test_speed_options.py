@@ -106,7 +106,7 @@ def test_crop_batch_follows_the_device_unless_set(monkeypatch):
     boxes = Proposals(torch.tensor([[10.0, 10.0, 90.0, 90.0], [100.0, 50.0, 300.0, 200.0]]), class_names=["a", "b"])
     grounder.ground(draw_scene(), "a red square", boxes)
     grounder.with_config(crop_batch_size=5).ground(draw_scene(), "a red square", boxes)
-    assert seen == [64, 64, 5, 5]  # proposals, then QAM's box P_t
+    assert seen == [64, 5]  # the proposals with QAM's box P_t, one call per ground
     with pytest.raises(Exception, match="crop batch size must be at least 1"):
         BiCMConfig(crop_batch_size=0)
 

@@ -278,7 +278,12 @@ class Grounder:
             named = self.namer.name(work_props, pil, crop_feats)
             props = props.with_names(named.class_names or [None] * len(props), named.name_scores)
             notes.append(f"proposals named by CLIP over {self.namer.vocabulary.name}")
-        if needs.visual and crop_feats is None:
+        # Without naming, the proposal crops wait for the first chunk's QAM boxes and go through
+        # the encoder with them: 100 proposals + 15 QAM boxes as batches of 64 + 51 rather than
+        # 64 + 36 + 15 (a small batch runs at a lower rate); crops prepared ahead are joined by the
+        # QAM boxes' crops, cut then, so the batches and the numbers are the same either way.
+        joined = needs.visual and crop_feats is None and bool(needs.kinds) and len(props) > 0
+        if needs.visual and crop_feats is None and not joined:
             crop_feats = encode_proposal_crops()
         name_feats = None
         if needs.names and props.fully_named and len(props):
@@ -299,8 +304,18 @@ class Grounder:
                 boxes_qam[kind] = qam_boxes(maps[kind], cfg.thr_a, cfg.region_rule)
             qam_crops: dict[Box, torch.Tensor] = {}
             unique = sorted({b for boxes in boxes_qam.values() for b in boxes if b is not None})
-            if needs.visual and unique:
-                feats = self.encoder.crops(pil, torch.tensor(unique), crop_spec, crop_batch, digest, cfg.crop_backend)
+            if needs.visual and (unique or crop_feats is None):
+                boxes = torch.tensor(unique, dtype=torch.float32).reshape(-1, 4)
+                cut: Optional[torch.Tensor] = None  # the crops' uint8 pixels where some were cut ahead
+                if crop_feats is None:  # joined: the proposals' crops first, then this chunk's QAM boxes
+                    if ready.crop_pixels is not None:
+                        backend = resolve_crop_backend(cfg.crop_backend, device)
+                        qam_cut = crop_uint8(pil, unique, crop_spec, backend, device)
+                        cut = torch.cat([ready.crop_pixels, qam_cut.to(ready.crop_pixels.device)])
+                    boxes = torch.cat([work_props.boxes.float(), boxes])
+                feats = self.encoder.crops(pil, boxes, crop_spec, crop_batch, digest, cfg.crop_backend, cut)
+                if crop_feats is None:
+                    crop_feats, feats = feats[: len(work_props)], feats[len(work_props) :]
                 qam_crops = dict(zip(unique, feats))
             yield ScoringInputs(
                 queries=part,
