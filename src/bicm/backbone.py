@@ -146,7 +146,7 @@ class Backbone:
 
         A text's embedding depends on the text alone, bit for bit, not on the texts encoded
         with it: every forward of the text tower has :data:`TEXT_BATCH` rows (the last batch
-        padded by repeating a row) and a token length from a fixed ladder (4, 8, 16, ... up to
+        padded by repeating a row) and a token length from a fixed ladder (8, 16, 32, ... up to
         the context; the text's own length rounded up, see :func:`text_lengths`). Matrix
         kernels choose their blocking, and so their rounding, by the shapes; with fixed shapes
         a phrase or class name gets the same bits whether it is encoded alone, with others,
@@ -215,8 +215,8 @@ def _clip_text(text: str, n: int = 40) -> str:
 
 
 #: Rows of every text-tower forward (:meth:`Backbone.encode_text`; fixed, so that the bits of
-#: a text's embedding never depend on its batch). 16 measured fastest for 40 class names and
-#: 15 queries per image on a 2-core CPU (benchmarks/README.md).
+#: a text's embedding never depend on its batch). 16 rows and lengths from 8 up measured fastest
+#: for 40 class names and 15 queries per image on a 2-core CPU (benchmarks/README.md).
 TEXT_BATCH = 16
 
 
@@ -242,13 +242,13 @@ def _ends(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def text_lengths(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """``(N,)`` token length each row is encoded with by :meth:`Backbone.encode_text`: its own
-    length (through the end-of-text token) rounded up to 4, 8, 16, 32, ... (at most the
+    length (through the end-of-text token) rounded up to 8, 16, 32, 64 (at most the
     context), or the whole context for text towers that cannot be trimmed."""
     context = tokens.shape[1]
     if not _trimmable(model) or tokens.numel() == 0:
         return torch.full((tokens.shape[0],), context, dtype=torch.long)
     needed = (_ends(model, tokens) + 1).clamp(min=1).cpu().double()
-    ladder = (2 ** torch.ceil(torch.log2(needed))).clamp(min=4).long()
+    ladder = (2 ** torch.ceil(torch.log2(needed))).clamp(min=8).long()  # 8: most queries share one shape
     return ladder.clamp(max=context)
 
 
