@@ -55,8 +55,8 @@ def main() -> None:
     full = fast_image_tower(visual, dtype)
     towers = {
         f"plain {args.dtype} copy": copy.deepcopy(visual).to(dtype),
-        "+ SiLU fold": fast_image_tower(visual, dtype, fuse=False, patch_matmul=False),
-        "+ patch matmul": fast_image_tower(visual, dtype, fuse=False),
+        "+ SiLU fold": fast_image_tower(visual, dtype, fuse=False, patch_matmul=False, fused_attention=False),
+        "+ patch matmul": fast_image_tower(visual, dtype, fuse=False, fused_attention=False),
         "+ fused linear+SiLU": fast_image_tower(visual, dtype, fused_attention=False),
         "+ fused attention (SDPA)": full,
         "fused linear+SiLU, MHA fast path off": NoFastPath(fast_image_tower(visual, dtype, fused_attention=False)),
