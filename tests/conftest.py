@@ -22,6 +22,20 @@ from .helpers import SCENE_BOXES, SCENE_NAMES, TINY_CFG, draw_scene, make_backbo
 os.environ["BICM_PRECISION"] = "fp32"
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Each test starts with the process's thread count: an in-process command with
+    ``--threads 1`` (tests/test_cluster.py runs several) would otherwise leave torch on one
+    thread for every later test, and on some CPUs (an AMD EPYC with AVX-512 BF16 among them)
+    a matrix product split over another number of threads rounds differently in its last bits."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
     return make_backbone()

@@ -50,14 +50,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
     assert not backbone.compiled and backbone.image_encoder() is backbone.model.visual
 
 
-@pytest.fixture()
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def test_threads_option_and_environment(scene_files, tiny_checkpoint, restore_threads):
+def test_threads_option_and_environment(scene_files, tiny_checkpoint):  # conftest restores the threads
     image, dets = scene_files
     args = ["ground", str(image), "the red square", "-c", str(tiny_checkpoint), "-p", str(dets), "--json"]
     runner = CliRunner()
