@@ -238,3 +238,23 @@ def test_each_node_keeps_its_own_feature_cache(tmp_path, monkeypatch):
     finally:
         cache.close()
     assert worker_cache(RunOptions(no_cache=True)) is None
+
+
+@pytest.mark.slow
+def test_batch_grounding_on_ray_writes_the_local_results(world, cluster, tmp_path):
+    import json
+
+    lines = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    by_image: dict[str, list[str]] = {}
+    for line in lines:
+        by_image.setdefault(line["image"], []).append(line["query"])
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"image": str(world / image), "queries": qs[:3]}) + "\n" for image, qs in by_image.items()))
+    args = ["ground", "--input", str(items), *SHAPES, "--format", "coco"]
+    local = run(*args, "--out", str(tmp_path / "local"))
+    assert local.exit_code == 0, local.output
+    on = run(*args, "--out", str(tmp_path / "ray"), *on_ray(cluster))
+    assert on.exit_code == 0, on.output
+    assert_same_files(tmp_path / "local", tmp_path / "ray", ["results.jsonl"])
+    coco = [json.loads((tmp_path / name / "results.coco.json").read_text()) for name in ("local", "ray")]
+    assert coco[0]["annotations"] == coco[1]["annotations"] and len(coco[0]["annotations"]) == sum(min(3, len(q)) for q in by_image.values())

@@ -32,6 +32,9 @@ _EXPORTS = {
     "Needs": "config",
     "GroundingResult": "results",
     "Candidates": "results",
+    "to_detections": "results",
+    "read_items": "batch",
+    "run_batch": "batch",
     "Proposals": "proposals",
     "read_detections": "proposals.files",
     "BicmError": "errors",
@@ -46,7 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; real imports ar
     from .errors import BicmError, BicmWarning  # noqa: F401
     from .proposals import Proposals  # noqa: F401
     from .proposals.files import read_detections  # noqa: F401
-    from .results import Candidates, GroundingResult  # noqa: F401
+    from .batch import read_items, run_batch  # noqa: F401
+    from .results import Candidates, GroundingResult, to_detections  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

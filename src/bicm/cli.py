@@ -15,7 +15,7 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Literal, Optional, TypeVar
 
 import typer
 
@@ -205,23 +205,54 @@ def _sources_note(source: "SourceOptions", config: Any) -> None:
         print("bicm: note: no --proposals given: QAM's box is the only candidate", file=sys.stderr)
 
 
+BatchFormat = Literal["jsonl", "coco"]
+
+
 @app.command()
 @user_errors
-@groups(model=ModelOptions, source=SourceOptions, method=MethodOptions)
+@groups(
+    model=ModelOptions,
+    source=SourceOptions,
+    method=MethodOptions,
+    run=Group(RunOptions, helps={"cache": "Feature cache file for --input runs [default: ~/.cache/bicm/features.sqlite]."}),
+    engine=Group(EngineOptions, helps={"engine": "With --input: local (this process) or ray (a Ray cluster; needs the bicm[ray] extra)."}),
+)
 def ground(
-    image: Path = typer.Argument(..., help="Image file (any format Pillow reads)."),
-    queries: List[str] = typer.Argument(..., help="One or more phrases, e.g. 'the bird on the left'."),
+    image: Optional[Path] = typer.Argument(None, help="Image file (any format Pillow reads); or use --input for many."),
+    queries: Optional[List[str]] = typer.Argument(None, help="One or more phrases, e.g. 'the bird on the left'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per query instead of a table."),
     save_vis: Optional[Path] = typer.Option(None, "--save-vis", help="Write a picture: heatmap, candidates and chosen box."),
     max_image_pixels: int = typer.Option(
         0, help="Refuse larger images outright (decompression-bomb guard) [default: twice Pillow's limit, ~179M]."
     ),
+    items: Optional[Path] = typer.Option(
+        None, "--input", "-i",
+        help='Many images: a JSON Lines file ({"image": PATH, "queries": [...]} or {"image": PATH, "query": "..."} per line, '
+        "paths relative to it), or a folder of images with --queries.",
+    ),
+    queries_file: Optional[Path] = typer.Option(None, "--queries", help="With a folder --input: a text file of phrases, one per line, each grounded in every image."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder of --input (results.jsonl, run.json; resumable) [default: runs/ground-NAME]."),
+    output_format: BatchFormat = typer.Option("jsonl", "--format", help="With --input: jsonl, or coco (results.coco.json beside results.jsonl)."),
     *,
     model: ModelOptions,
     source: SourceOptions,
     method: MethodOptions,
+    run: RunOptions,
+    engine: EngineOptions,
 ) -> None:
-    """Ground phrases in an image: print the box each phrase describes."""
+    """Ground phrases in an image (print the box each phrase describes), or in many images with --input."""
+    if items is not None:
+        if image is not None or queries:
+            raise BicmError("give either IMAGE QUERY... or --input ITEMS, not both")
+        if as_json or save_vis is not None:
+            raise BicmError(f"{'--json' if as_json else '--save-vis'} is for one image; --input writes results.jsonl in --out")
+        return resumable(_ground_batch)(items, queries_file, out, output_format, max_image_pixels, model, source, method, run, engine)
+    if image is None or not queries:
+        raise BicmError("give an IMAGE and one or more QUERY phrases, or --input ITEMS (see bicm ground --help)")
+    for flag, given in (("--queries", queries_file), ("--out", out), ("--format", output_format != "jsonl" or None),
+                        ("--engine ray", engine.on_cluster or None)):
+        if given is not None:
+            raise BicmError(f"{flag} goes with --input ITEMS (many images)")
     _check_output(save_vis, "--save-vis", picture=True)
     model.prepare()
     method.prepare()
@@ -246,6 +277,41 @@ def ground(
         except (OSError, ValueError) as exc:
             raise BicmError(f"the results above are complete, but the picture {save_vis} could not be written ({_why(exc)})") from None
         print(f"bicm: wrote {save_vis}", file=sys.stderr)
+
+
+def _ground_batch(
+    items_path: Path, queries_file: Optional[Path], out: Optional[Path], output_format: str, max_image_pixels: int,
+    model: ModelOptions, source: SourceOptions, method: MethodOptions, run: RunOptions, engine: EngineOptions,
+) -> None:
+    """``bicm ground --input``: every item checked, then grounded into a resumable run folder."""
+    from .batch import RESULTS, read_items, run_batch
+
+    if out is None:
+        out = Path("runs") / f"ground-{items_path.stem or 'items'}"
+    _check_output(out, "--out", folder=True)
+    if source.proposals == "oracle":
+        raise BicmError("--proposals oracle takes a dataset's boxes (bicm eval); --input items have none: use oracle:FILE")
+    batch = read_items(items_path, queries_file)  # every line and image checked before any work
+    model.prepare()
+    method.prepare()
+    config = method.config(model)
+    feature_cache = None if engine.on_cluster else run.feature_cache()
+    spec = GrounderSpec(model, config, source, method.kam, run)
+    with cluster_engine(engine, spec) as cluster:
+        grounder = model.grounder(config, source=source, cache=feature_cache, kam=method.kam)
+        _sources_note(source, config)
+        done = run_batch(
+            grounder, batch, out, input_name=str(items_path), formats=("jsonl", output_format), progress=not run.no_progress,
+            max_pixels=max_image_pixels or None, cluster=cluster,
+        )
+    if feature_cache is not None:
+        stats = feature_cache.stats
+        print(f"bicm: feature cache {feature_cache.path}: {stats.hits} hits, {stats.misses} misses", file=sys.stderr)
+    print(
+        f"bicm: {done['boxes']} of {done['results']} queries found a box in {len(batch)} images; wrote "
+        + ", ".join(f"{out}/{name}" for name in done["files"]),
+        file=sys.stderr,
+    )
 
 
 @app.command("eval")

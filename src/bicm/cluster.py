@@ -1,4 +1,4 @@
-"""The Ray engine: ``bicm eval``, ``bicm pseudo-label`` and ``bicm proposals extract`` on a Ray
+"""The Ray engine: ``bicm eval``, ``bicm ground --input``, ``bicm pseudo-label`` and ``bicm proposals extract`` on a Ray
 cluster (``--engine ray``), with the same results as on one machine.
 
 The work is a Ray Dataset of items (an image with all its queries; a block of images to
@@ -115,6 +115,18 @@ class _EvalJob(_GrounderJob):
         image_file, group = item
         source = "oracle" if self.oracle else grounder.proposals
         return _evaluate_image(grounder, self.image_root, image_file, group, self.rows, self.needs, source)
+
+
+@dataclass(frozen=True)
+class _BatchJob(_GrounderJob):
+    """Item: a :class:`bicm.batch.BatchItem`; result: its records (:func:`bicm.batch.ground_item`)."""
+
+    max_pixels: Optional[int] = None
+
+    def __call__(self, grounder: "Grounder", item: Any) -> Any:
+        from .batch import ground_item
+
+        return ground_item(grounder, item, max_pixels=self.max_pixels)
 
 
 @dataclass(frozen=True)
@@ -263,6 +275,11 @@ class RayEngine:
         assert self.spec is not None
         job = _EvalJob(self.spec, image_root=Path(image_root), rows=tuple(rows), needs=needs, oracle=oracle)
         return self.map(job, [(image, list(group)) for image, group in todo])
+
+    def ground_items(self, items: Sequence[Any], max_pixels: Optional[int] = None) -> Iterator[list[dict[str, Any]]]:
+        """The result records of each :class:`bicm.batch.BatchItem` (``bicm ground --input``)."""
+        assert self.spec is not None
+        return self.map(_BatchJob(self.spec, max_pixels=max_pixels), list(items))
 
     def match(self, blocks: Sequence[Sequence[tuple[str, Path]]], text: Any) -> Iterator[Any]:
         """:func:`bicm.pseudo.embed_and_match` of each image block against the ``(Q, E)`` query

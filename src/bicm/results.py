@@ -4,11 +4,11 @@ in :class:`Candidates`. Boxes are float xyxy pixels of the original image."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["Box", "Candidates", "GroundingResult"]
+__all__ = ["Box", "Candidates", "GroundingResult", "to_detections"]
 
 Box = tuple[float, float, float, float]
 
@@ -115,3 +115,38 @@ class GroundingResult:
         if candidates:
             out["candidates"] = self.candidates.to_list()
         return out
+
+    def to_detections(self) -> Any:
+        """This result as a ``supervision.Detections`` (Roboflow's detections type).
+
+        Returns
+        -------
+        ``supervision.Detections`` with ``xyxy`` ``(1, 4)`` float32 pixels of the original
+        image, ``confidence`` ``(1,)`` (the fused score) and ``data["phrase"]`` ``(1,)`` (the
+        query); empty (0 rows) when nothing was found. :func:`to_detections` joins several.
+
+        Raises
+        ------
+        BicmError
+            When the ``supervision`` package is missing (``pip install 'bicm[supervision]'``).
+        """
+        return to_detections([self])
+
+
+def to_detections(results: "Sequence[GroundingResult]") -> Any:
+    """Several results (e.g. :meth:`Grounder.ground_many`'s) as ONE ``supervision.Detections``:
+    a row per result that found a box, ``data["phrase"]`` saying which query it answers."""
+    try:
+        import supervision as sv
+    except ImportError:
+        from .errors import BicmError
+
+        raise BicmError("to_detections needs the supervision package: pip install 'bicm[supervision]'") from None
+    import numpy as np
+
+    found = [r for r in results if r.box is not None]
+    return sv.Detections(
+        xyxy=np.array([r.box for r in found], dtype=np.float32).reshape(-1, 4),
+        confidence=np.array([np.nan if r.score is None else r.score for r in found], dtype=np.float32),
+        data={"phrase": np.array([r.query for r in found], dtype=object)},
+    )
