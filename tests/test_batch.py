@@ -246,3 +246,39 @@ def test_to_detections_without_supervision_says_what_to_install(tmp_path, monkey
     monkeypatch.setattr(builtins, "__import__", no_supervision)
     with pytest.raises(BicmError, match=r"pip install 'bicm\[supervision\]'"):
         result.to_detections()
+
+
+def test_eval_any_box_protocol_is_shown_beside_the_merged_box_rows(tmp_path, tiny_checkpoint):
+    from .helpers import eval_cli, make_dataset
+
+    data = make_dataset(tmp_path, n_images=2)
+    (tmp_path / "tiny.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    lines[0]["boxes"] = [lines[0]["box"], [0, 0, 160, 120]]  # two boxes: the union is the whole image
+    lines[0]["box"] = [0, 0, 160, 120]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run(*eval_cli(tmp_path, data, "--out", str(tmp_path / "run"), "--ablation", "none", "--no-cache", "--protocol", "any-box"))
+    assert result.exit_code == 0, result.stderr
+    table = (tmp_path / "run" / "table.md").read_text()
+    assert "any-box (%)" in table and "merged-box protocol" in table
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rows"][0]["any_box"]["n"] == summary["rows"][0]["n"] == 6
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    for r in records:
+        row = r["rows"]["QAM+COM+SF"]
+        assert row["iou_any"] >= row["iou"] - 1e-6 or r["id"] == records[0]["id"]
+        assert row["hit_any"] == (row["iou_any"] > 0.5)
+    plain = run(*eval_cli(tmp_path, data, "--out", str(tmp_path / "plain"), "--ablation", "none", "--no-cache"))
+    assert plain.exit_code == 0 and "any-box" not in (tmp_path / "plain" / "table.md").read_text()
+    assert "hit_any" not in (tmp_path / "plain" / "predictions.jsonl").read_text()
+
+
+def test_split_by_reaches_the_reader_and_is_refused_where_it_does_not_apply(tmp_path):
+    from .helpers import SHARED_DATA
+
+    splits = SHARED_DATA / "transvg-splits"
+    if not (splits / "gref_umd_val.pth").is_file():
+        pytest.skip("../shared/data is not beside the repository")
+    result = run("eval", "--dataset", "gref_umd", "--split", "val", "--annotations", str(splits), "--images", str(tmp_path),
+                 "--split-by", "google", "--no-progress")
+    assert_user_error(result, "split")

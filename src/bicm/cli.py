@@ -334,6 +334,11 @@ def evaluate_command(
     summary_json: Optional[Path] = typer.Option(None, help="Also write the summary JSON here."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N queries."),
     part: Optional[str] = typer.Option(None, help="Shard K/N of the images (merge shards with 'bicm eval-merge')."),
+    protocol: Literal["merged-box", "any-box"] = typer.Option(
+        "merged-box", help="merged-box: IoU with the union of a query's boxes > 0.5 (the paper's); any-box: also shown, right if "
+        "the box matches any ONE of its boxes (Flickr30K Entities, as MDETR and GLIP report)."),
+    split_by: Optional[str] = typer.Option(None, help="refer API datasets: the partition (unc, umd, google, berkeley) [default: the dataset's usual one]."),
+    query_field: Optional[str] = typer.Option(None, help="refer API datasets: sent (tokenised, default) or raw (the annotators' text, as ReCLIP)."),
     *,
     model: ModelOptions,
     source: SourceOptions,
@@ -356,7 +361,7 @@ def evaluate_command(
         images = images or annotations
     if annotations is None or images is None:
         raise BicmError(f"dataset {dataset} needs --annotations and --images")
-    samples = load_dataset(dataset, split, annotations, image_root=images)
+    samples = load_dataset(dataset, split, annotations, image_root=images, split_by=split_by, query_field=query_field or "sent")
     rows = ablation_rows(ablation, method.config(model, dataset).replace(components=("qam", "com", "sf")), kam=method.kam is not None)
     feature_cache = None if engine.on_cluster else run.feature_cache()  # on a cluster: each node's own (bicm.cluster)
     oracle = source.proposals == "oracle"  # the dataset's own boxes, handed to each image by run_eval
@@ -369,7 +374,7 @@ def evaluate_command(
             out = Path("runs") / (f"{dataset}-{split}" + ("" if part is None else f"-part{part.replace('/', 'of')}"))
         summary = run_eval(
             grounder, samples, images, out, rows, dataset=dataset, split=split, source="oracle" if oracle else grounder.proposals,
-            part=part, limit=limit, progress=not run.no_progress, cluster=cluster,
+            part=part, limit=limit, progress=not run.no_progress, cluster=cluster, protocol=protocol,
         )
     _report(summary, out, summary_json, feature_cache)
 

@@ -108,13 +108,14 @@ class _EvalJob(_GrounderJob):
     rows: tuple = ()
     needs: Any = None
     oracle: bool = False
+    any_box: bool = False
 
     def __call__(self, grounder: "Grounder", item: Any) -> Any:
         from .evaluate import _evaluate_image
 
         image_file, group = item
         source = "oracle" if self.oracle else grounder.proposals
-        return _evaluate_image(grounder, self.image_root, image_file, group, self.rows, self.needs, source)
+        return _evaluate_image(grounder, self.image_root, image_file, group, self.rows, self.needs, source, any_box=self.any_box)
 
 
 @dataclass(frozen=True)
@@ -269,11 +270,11 @@ class RayEngine:
     # the commands' work --------------------------------------------------------------------
     def eval_images(
         self, todo: Sequence[tuple[str, Sequence["GroundingSample"]]], image_root: Path, rows: Sequence[tuple[str, "BiCMConfig"]],
-        needs: "Needs", oracle: bool,
+        needs: "Needs", oracle: bool, any_box: bool = False,
     ) -> Iterator[list[dict[str, Any]]]:
         """The prediction records of each ``(image, samples)`` of ``todo``."""
         assert self.spec is not None
-        job = _EvalJob(self.spec, image_root=Path(image_root), rows=tuple(rows), needs=needs, oracle=oracle)
+        job = _EvalJob(self.spec, image_root=Path(image_root), rows=tuple(rows), needs=needs, oracle=oracle, any_box=any_box)
         return self.map(job, [(image, list(group)) for image, group in todo])
 
     def ground_items(self, items: Sequence[Any], max_pixels: Optional[int] = None) -> Iterator[list[dict[str, Any]]]:
