@@ -34,7 +34,7 @@ from .errors import BicmError, warn
 from .safeload import json_loads, regular_file
 from .evaluate import wilson_interval
 from .imageio import load_image
-from .jsonl import JsonlAppender, read_jsonl
+from .jsonl import JsonlAppender, read_jsonl, read_records
 from .prefetch import Ahead, ahead, default_depth
 from .proposals.sources import ProposalSource
 from .runs import ProgressBar, check_run_file, print_note
@@ -560,7 +560,8 @@ def read_query_list(path: Path) -> list[str]:
 
 def _list_entries(path: Path, field_name: str) -> Iterator[str]:
     if path.suffix.lower() == ".jsonl":
-        for number, record in enumerate(read_jsonl(path), start=1):
+        # a list the user wrote: a last line without its newline is a query too
+        for number, record in read_jsonl(path, drop_cut_tail=False, numbered=True):
             value = record.get(field_name)
             if not isinstance(value, str) or not value.strip():
                 raise BicmError(f"{path} line {number} has no {field_name!r} text")
@@ -589,12 +590,18 @@ def shapes_unpaired(root: Union[str, Path, None], dataset: str, reveal_truth: bo
     for ``reveal_truth``, Table 7)."""
     from .shapes.dataset import protocol_of, shapes_folder
 
+    from .shapes.dataset import TRAIN_FIELDS
+
     folder = shapes_folder(root, protocol_of(dataset), "train")
-    images = [(r["image"], folder / r["image"]) for r in read_jsonl(folder / "train_images.jsonl")]
-    queries = list(dict.fromkeys(r["query"] for r in read_jsonl(folder / "train_queries.jsonl")))
+
+    def records(name: str) -> list[dict[str, Any]]:
+        return [r for _, r in read_records(folder / name, TRAIN_FIELDS[name])]
+
+    images = [(r["image"], folder / r["image"]) for r in records("train_images.jsonl")]
+    queries = list(dict.fromkeys(r["query"] for r in records("train_queries.jsonl")))
     if limit is not None:
         images = images[:limit]
-    truth = truth_from_records(list(read_jsonl(folder / "train_truth.jsonl"))) if reveal_truth else None
+    truth = truth_from_records(records("train_truth.jsonl")) if reveal_truth else None
     return UnpairedData(images, queries, truth, f"{dataset} train images ({folder})", f"{dataset} train queries ({folder})")
 
 

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from ..errors import BicmError
 from ..safeload import regular_file
-from ..jsonl import read_jsonl
+from ..jsonl import check_field, read_records
 from .sample import GroundingSample, is_proper_box, to_xyxy
 
 __all__ = ["read_jsonl_dataset"]
@@ -29,29 +29,27 @@ def read_jsonl_dataset(path: Union[str, Path], split: Optional[str] = None) -> l
     regular_file(path, "dataset file", missing=f"dataset file not found: {path}")
     samples = []
     seen: set[str] = set()
-    for number, record in enumerate(read_jsonl(path, drop_cut_tail=False), start=1):
-        where = f"{path.name} line {number}"
+    optional = {"box_format": "str", "split": "str"}
+    for number, (where, record) in enumerate(read_records(path, {"image": "path", "query": "text"}, optional), start=1):
         if split is not None and "split" in record and record["split"] != split:
             continue
-        image, query = record.get("image"), record.get("query")
-        if not isinstance(image, str) or not image:
-            raise BicmError(f"{where}: no 'image'")
-        if not isinstance(query, str) or not query.strip():
-            raise BicmError(f"{where}: no 'query'")
-        raw = record.get("boxes") if "boxes" in record else [record.get("box")]
-        if not isinstance(raw, list) or not raw or any(b is None for b in raw):
-            raise BicmError(f"{where}: no 'box' or 'boxes'")
+        if "boxes" in record:
+            raw = check_field(record, "boxes", "boxes", where)
+        else:
+            raw = [check_field(record, "box", "box", where)]
         fmt = record.get("box_format", "xyxy")
         if fmt not in ("xyxy", "xywh"):
             raise BicmError(f"{where}: unknown box_format {fmt!r}")
         boxes = [to_xyxy(b, fmt) for b in raw]
         if not all(is_proper_box(b) for b in boxes):
             raise BicmError(f"{where}: a box is empty or inverted")
+        if "id" in record and not isinstance(record["id"], (str, int)) or isinstance(record.get("id"), bool):
+            raise BicmError(f"{where}: 'id' must be a string or an integer")
         sample_id = str(record.get("id", number))
         if sample_id in seen:
             raise BicmError(f"{where}: id {sample_id!r} appears twice")
         seen.add(sample_id)
-        samples.append(GroundingSample.from_boxes(sample_id, Path(image).stem, image, query, boxes))
+        samples.append(GroundingSample.from_boxes(sample_id, Path(record["image"]).stem, record["image"], record["query"], boxes))
     if not samples:
         raise BicmError(f"{path} holds no samples" + (f" of split {split!r}" if split else ""))
     return samples

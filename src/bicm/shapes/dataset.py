@@ -35,7 +35,8 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from ..errors import BicmError
-from ..safeload import json_loads, regular_file
+from ..jsonl import read_records
+from ..safeload import regular_file
 from .world import KINDS, PROFILES, WORLD_VERSION, Expression, Scene, expressions, make_scene, render
 
 __all__ = [
@@ -59,6 +60,16 @@ SPLITS: dict[str, tuple[int, int]] = {"test": (1, 500), "val": (2, 150), "train"
 PER_IMAGE: dict[str, int] = {"phrase": 6, "ref": 5}
 _PROTOCOL_SEED = {"phrase": 100, "ref": 200}
 _MARKER = "WORLD"
+
+#: The fields each record of the world's files must hold, by kind (see bicm.jsonl.FIELD_KINDS);
+#: every reader of these files checks them with bicm.jsonl.read_records.
+SPLIT_FIELDS = {"id": "text", "image": "path", "query": "text", "kind": "text", "boxes": "xyxy_boxes", "box": "xyxy", "world": "str"}
+TRAIN_FIELDS = {
+    "train_images.jsonl": {"image": "path"},
+    "train_queries.jsonl": {"query": "text"},
+    "train_truth.jsonl": {"image": "path", "query": "text", "box": "xyxy"},
+    "train_objects.jsonl": {"image": "path", "boxes": "xyxy_boxes", "class_names": "names"},
+}
 
 
 def default_root() -> Path:
@@ -229,10 +240,12 @@ def read_shapes(root: Union[str, Path, None], split: str, protocol: str = "ref")
     if split not in SPLITS:
         raise BicmError(f"unknown shapes split {split!r}; use test, val or train")
     folder = shapes_folder(root, protocol, split)
+    path = regular_file(folder / f"{split}.jsonl", "shapes split file")
     samples = []
-    for line in regular_file(folder / f"{split}.jsonl", "shapes split file").read_text().splitlines():
-        r = json_loads(line, folder / f"{split}.jsonl")
-        if r.get("world") != VERSION:
-            raise BicmError(f"{folder / f'{split}.jsonl'} is not shapes world {VERSION}; use another folder")
+    for where, r in read_records(path, SPLIT_FIELDS):
+        if r["world"] != VERSION:
+            raise BicmError(f"{where} is not shapes world {VERSION}; use another folder")
+        if r["kind"] not in KINDS:
+            raise BicmError(f"{where}: unknown kind {r['kind']!r}")
         samples.append(GroundingSample.from_boxes(r["id"], Path(r["image"]).stem, r["image"], r["query"], r["boxes"], kind=r["kind"]))
     return samples

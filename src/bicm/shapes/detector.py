@@ -38,6 +38,7 @@ from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
 from ..errors import BicmError
+from ..jsonl import read_records
 from ..safeload import json_loads, regular_file
 from ..interrupt import Interrupted, TrainingState, deferred, load_state, state_path
 from ..provenance import versions
@@ -316,18 +317,20 @@ class _Item:
 
 def read_objects(folder: Path, limit: int) -> list[_Item]:
     """The first ``limit`` images of ``folder/train_objects.jsonl`` with their boxes and labels."""
+    from .dataset import TRAIN_FIELDS
+
     path = folder / "train_objects.jsonl"
-    lines = path.read_text().splitlines()
-    if len(lines) < limit:
-        raise BicmError(f"{path} has {len(lines)} train images, the config asks for {limit}; use --train-images {len(lines)} or another --root")
+    records = list(read_records(path, TRAIN_FIELDS[path.name]))
+    if len(records) < limit:
+        raise BicmError(f"{path} has {len(records)} train images, the config asks for {limit}; use --train-images {len(records)} or another --root")
     items = []
-    for line in lines[:limit]:
-        r = json_loads(line, path)
+    for where, r in records[:limit]:
         unknown = sorted(set(r["class_names"]) - set(SHAPES))
         if unknown:
-            raise BicmError(f"{path} names classes this world does not have ({', '.join(unknown)})")
-        items.append(_Item(folder / r["image"], tuple(tuple(float(v) for v in b) for b in r["boxes"]),
-                           tuple(CLASSES.index(c) for c in r["class_names"])))
+            raise BicmError(f"{where} names classes this world does not have ({', '.join(unknown)})")
+        if len(r["class_names"]) != len(r["boxes"]):
+            raise BicmError(f"{where}: {len(r['boxes'])} boxes but {len(r['class_names'])} class names")
+        items.append(_Item(folder / r["image"], tuple(r["boxes"]), tuple(CLASSES.index(c) for c in r["class_names"])))
     return items
 
 
@@ -483,8 +486,11 @@ def detector_metrics(model: nn.Module, protocol: str, images: int, folder: Optio
     queries = Path(folder) / "test.jsonl" if folder is not None else None
     if queries is not None and queries.is_file():
         hits = {"all": [0, 0], "single": [0, 0], "plural": [0, 0]}
-        for line in queries.read_text().splitlines():
-            r = json_loads(line, queries)
+        from .dataset import SPLIT_FIELDS
+
+        for where, r in read_records(queries, SPLIT_FIELDS):
+            if not Path(r["image"]).stem.isdigit():
+                raise BicmError(f"{where}: image {r['image']!r} is not a file of the shapes world")
             index = int(Path(r["image"]).stem)
             if index >= images:
                 continue
