@@ -17,6 +17,7 @@ the worker finishes the item it is on and exits; nothing it computed afterwards 
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
@@ -98,6 +99,17 @@ def ahead(items: Iterable[T], work: Callable[[T], R], depth: int = DEFAULT_DEPTH
                     continue
 
     worker = threading.Thread(target=produce, name="bicm-prefetch", daemon=True)
+
+    def finish() -> None:
+        # Also at exit: an error re-raised by Ahead.get() keeps this generator suspended (its
+        # frame is in the traceback) until the interpreter ends, and a daemon thread still
+        # inside torch then is killed mid-call ("terminate called without an active
+        # exception", exit -6). atexit handlers run before daemon threads are stopped.
+        stop.set()
+        if worker.is_alive() and worker is not threading.current_thread():
+            worker.join(timeout=60.0)
+
+    atexit.register(finish)
     worker.start()
     try:
         while True:
@@ -107,6 +119,9 @@ def ahead(items: Iterable[T], work: Callable[[T], R], depth: int = DEFAULT_DEPTH
             yield got  # type: ignore[misc]
     finally:
         stop.set()
+        atexit.unregister(finish)
         # the worker sees stop within 0.1 s of its current item; it is a daemon, so a slow item
-        # (a detector on a large image) never holds up the process's exit
+        # (a detector on a large image) never holds up the consumer for long
         worker.join(timeout=5.0)
+        if worker.is_alive():  # still on its item: the process's exit waits for it, not a kill mid-call
+            atexit.register(finish)

@@ -18,6 +18,7 @@ from ..devices import resolve_device
 from ..errors import BicmError
 from ..safeload import check_torch_file, regular_file
 from . import Proposals
+from .rcnn import steady_rcnn
 from .sources import ProposalSource, register_source
 
 __all__ = ["FasterRCNN", "DETECTOR_ARCHS"]
@@ -98,7 +99,7 @@ class FasterRCNN(ProposalSource):
                     f"fetch {weights.url} where there is internet and pass it with --detector-checkpoint PATH"
                 ) from None
             self.weights_id = str(weights)
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.model = steady_rcnn(model.eval().requires_grad_(False).to(self.device))  # no image decides the next one's
 
     @property
     def id(self) -> str:

@@ -43,6 +43,7 @@ from ..safeload import json_loads, regular_file
 from ..interrupt import Interrupted, TrainingState, deferred, load_state, state_path
 from ..provenance import versions
 from ..proposals import Proposals
+from ..proposals.rcnn import steady_rcnn
 from ..proposals.sources import ProposalSource, register_source
 from .world import SHAPES, WORLD_VERSION
 
@@ -233,7 +234,7 @@ def build_detector(
         box_detections_per_img=top_n,
         box_nms_thresh=nms_iou,
     )
-    return model
+    return steady_rcnn(model)  # else the first image's size decides every later image's RoI levels
 
 
 # --------------------------------------------------------------------------------------
