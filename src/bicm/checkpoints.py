@@ -15,8 +15,9 @@
 
   The architecture comes, in this order, from ``model=``, the file's embedded config, an
   ``open_clip_config.json`` beside the file, or the tensor shapes (OpenAI conventions:
-  64-wide heads). Pickled files are read with ``weights_only=True`` after a scan for memory
-  bombs; TorchScript archives are read as data (:mod:`bicm.safeload`), never compiled: no code
+  64-wide heads). Pickled files are read by bicm's capped torch reader
+  (:func:`bicm.safeload.read_torch_file`: tensors and plain containers, within a memory budget);
+  TorchScript archives are read as data (:mod:`bicm.safeload`), never compiled: no code
   from a checkpoint is executed.
 
 Also the shipped shapes CLIP (:data:`SHAPES_MODEL`, :func:`shapes_weights`) and the
@@ -48,7 +49,7 @@ import torch
 from .atomic import atomic_path
 from .errors import BicmError, warn
 from .preprocess import PreprocessSpec
-from .safeload import check_torch_file, json_loads, read_torchscript, regular_file
+from .safeload import json_loads, read_torch_file, read_torchscript, regular_file
 from .safeload import is_torchscript as _is_torchscript
 
 __all__ = [
@@ -264,8 +265,7 @@ def read_state_dict(path: Path) -> CheckpointContents:
             is_torchscript_file = True
             state, optional = read_torchscript(path)
         else:
-            check_torch_file(path)
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            loaded = read_torch_file(path, "checkpoint")  # capped: no memory bombs, nothing run
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
                 loaded = loaded["state_dict"]
             if not isinstance(loaded, Mapping):
