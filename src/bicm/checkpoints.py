@@ -265,7 +265,11 @@ def read_state_dict(path: Path) -> CheckpointContents:
             is_torchscript_file = True
             state, optional = read_torchscript(path)
         else:
-            loaded = read_torch_file(path, "checkpoint")  # capped: no memory bombs, nothing run
+            try:
+                loaded = read_torch_file(path, "checkpoint")  # capped: no memory bombs, nothing run
+            except BicmError as exc:
+                detail = str(exc).replace(f"refusing to read {path}: ", "refusing its pickle: ").replace(f"cannot read {path}: ", "")
+                raise BicmError(f"cannot read checkpoint {path}: {detail}") from None
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
                 loaded = loaded["state_dict"]
             if not isinstance(loaded, Mapping):

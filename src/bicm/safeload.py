@@ -661,9 +661,11 @@ def _scan_legacy(path: Path, source: str, allowed: Optional[Mapping[str, Any]], 
     check_torch_file(path, source)
     with open(path, "rb") as handle:
         data = handle.read(64 * MB)  # the pickles come first; the storages after them are not read here
+    # magic number, protocol version, system info, the object; anything else is one pickle
+    count = 4 if data.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.") else 1
     ends, stream = [], io.BytesIO(data)
     try:
-        for _ in range(4):  # magic number, protocol version, system info, the object
+        for _ in range(count):
             for _op in pickletools.genops(stream):
                 pass
             ends.append(stream.tell())
@@ -675,7 +677,7 @@ def _scan_legacy(path: Path, source: str, allowed: Optional[Mapping[str, Any]], 
         declared[0] += numel * torch.empty((), dtype=dtype).element_size()
 
     stream = io.BytesIO(data[: ends[-1]])
-    for _ in range(4):
+    for _ in range(count):
         unpickler = TorchUnpickler(stream, source, None, allowed, size=ends[-1], needs=needs)
         unpickler._storage_reader = scan
         _load(unpickler, path)
