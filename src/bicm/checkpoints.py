@@ -204,11 +204,10 @@ def load_from_file(path: Path, arch: Optional[str], quick_gelu: Optional[bool]) 
                 )
     model_cfg = dict(model_cfg, quick_gelu=bool(quick_gelu))
     build_cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
+    custom = bool(model_cfg.get("custom_text") or "hf_model_name" in (model_cfg.get("text_cfg") or {}))
+    _check_declared_size(custom, build_cfg, state_dict, path)
     try:
-        if model_cfg.get("custom_text") or "hf_model_name" in model_cfg.get("text_cfg", {}):
-            clip = open_clip.CustomTextCLIP(**build_cfg)
-        else:
-            clip = open_clip.CLIP(**build_cfg)
+        clip = open_clip.CustomTextCLIP(**build_cfg) if custom else open_clip.CLIP(**build_cfg)
     except (TypeError, ValueError, AssertionError) as exc:
         raise BicmError(f"cannot build a model from the config of {path}: {exc}") from None
     _load_state_dict(clip, state_dict, path, contents.optional)
@@ -216,6 +215,43 @@ def load_from_file(path: Path, arch: Optional[str], quick_gelu: Optional[bool]) 
     spec_cfg.update(preprocess_cfg)
     spec = PreprocessSpec.from_open_clip(spec_cfg)
     return LoadedModel(clip, model_cfg, spec, f"file:{path.name}", tokenizer_name)
+
+
+#: A model may hold this much more than the file's tensors (buffers no file stores, such as
+#: the text tower's attention mask).
+_DECLARED_SLACK = 64 << 20
+
+
+def _check_declared_size(custom: bool, build_cfg: dict[str, Any], state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse an architecture that would hold more than the file's tensors, before building it.
+
+    The config comes from the file (or beside it) and a few bytes of it can ask for gigabytes
+    (``width: 8192``): the model is first built on the meta device (no memory), and its
+    parameters and buffers compared with the bytes the file really stores, as fp32.
+    """
+    import open_clip
+
+    from .safeload import stored_bytes
+
+    layers = 0
+    for tower in ("vision_cfg", "text_cfg"):
+        value = (build_cfg.get(tower) or {}).get("layers", 0) if isinstance(build_cfg.get(tower), dict) else 0
+        layers += sum(value) if isinstance(value, (list, tuple)) else value if isinstance(value, int) else 0
+    if layers > len(state):  # every layer holds tensors: more layers than tensors cannot fit
+        raise BicmError(f"checkpoint {path.name} does not fit its declared architecture: {layers} layers, {len(state)} tensors in the file")
+    try:
+        with torch.device("meta"):
+            probe = open_clip.CustomTextCLIP(**build_cfg) if custom else open_clip.CLIP(**build_cfg)
+        declared = sum(t.numel() for t in list(probe.parameters()) + list(probe.buffers())) * 4
+    except (TypeError, ValueError, AssertionError, RuntimeError, OverflowError) as exc:
+        raise BicmError(f"cannot build a model from the config of {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+    held = sum(t.numel() for t in state.values()) * 4
+    held = min(held, 2 * stored_bytes(state.values()))  # views of one storage count once (fp16 files: x2)
+    if declared > held + _DECLARED_SLACK:
+        raise BicmError(
+            f"checkpoint {path.name} does not fit its declared architecture: the config asks for "
+            f"{declared / 2**20:,.0f} MB of weights, the file holds {held / 2**20:,.0f} MB (nothing was built)"
+        )
 
 
 @dataclass

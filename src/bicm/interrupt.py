@@ -143,7 +143,10 @@ def load_state(path: Path, fmt: str, settings: dict[str, Any]) -> Optional[dict[
     try:
         state = read_torch_file(path, "training state", needs="training states")  # torch's allow-list can build gigabytes
     except BicmError as exc:
-        raise BicmError(f"{exc}; delete it to start over") from None
+        detail = str(exc).replace(f"cannot read {path}: ", "")
+        if str(exc).startswith("refusing"):
+            raise BicmError(f"{exc}; delete it to start over") from None
+        raise BicmError(f"cannot read the training state {path} ({detail}); delete it to start over") from None
     except Exception as exc:
         raise BicmError(f"cannot read the training state {path} ({type(exc).__name__}); delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != fmt or not isinstance(state.get("settings"), dict):
