@@ -238,7 +238,7 @@ def _check_declared_size(custom: bool, build_cfg: dict[str, Any], state: Mapping
         value = (build_cfg.get(tower) or {}).get("layers", 0) if isinstance(build_cfg.get(tower), dict) else 0
         layers += sum(value) if isinstance(value, (list, tuple)) else value if isinstance(value, int) else 0
     if layers > len(state):  # every layer holds tensors: more layers than tensors cannot fit
-        raise BicmError(f"checkpoint {path.name} does not fit its declared architecture: {layers} layers, {len(state)} tensors in the file")
+        raise BicmError(f"checkpoint {path.name} does not fit the architecture: {layers} layers, {len(state)} tensors in the file")
     try:
         with torch.device("meta"):
             probe = open_clip.CustomTextCLIP(**build_cfg) if custom else open_clip.CLIP(**build_cfg)
@@ -249,7 +249,7 @@ def _check_declared_size(custom: bool, build_cfg: dict[str, Any], state: Mapping
     held = min(held, 2 * stored_bytes(state.values()))  # views of one storage count once (fp16 files: x2)
     if declared > held + _DECLARED_SLACK:
         raise BicmError(
-            f"checkpoint {path.name} does not fit its declared architecture: the config asks for "
+            f"checkpoint {path.name} does not fit the architecture: the config asks for "
             f"{declared / 2**20:,.0f} MB of weights, the file holds {held / 2**20:,.0f} MB (nothing was built)"
         )
 
