@@ -15,8 +15,9 @@
 
   The architecture comes, in this order, from ``model=``, the file's embedded config, an
   ``open_clip_config.json`` beside the file, or the tensor shapes (OpenAI conventions:
-  64-wide heads). Pickled files are read with ``weights_only=True`` after a scan for memory
-  bombs; TorchScript archives are read as data (:mod:`bicm.safeload`), never compiled: no code
+  64-wide heads). Pickled files are read by bicm's capped torch reader
+  (:func:`bicm.safeload.read_torch_file`: tensors and plain containers, within a memory budget);
+  TorchScript archives are read as data (:mod:`bicm.safeload`), never compiled: no code
   from a checkpoint is executed.
 
 Also the shipped shapes CLIP (:data:`SHAPES_MODEL`, :func:`shapes_weights`) and the
@@ -48,7 +49,7 @@ import torch
 from .atomic import atomic_path
 from .errors import BicmError, warn
 from .preprocess import PreprocessSpec
-from .safeload import check_torch_file, json_loads, read_torchscript, regular_file
+from .safeload import json_loads, read_torch_file, read_torchscript, regular_file
 from .safeload import is_torchscript as _is_torchscript
 
 __all__ = [
@@ -203,11 +204,10 @@ def load_from_file(path: Path, arch: Optional[str], quick_gelu: Optional[bool]) 
                 )
     model_cfg = dict(model_cfg, quick_gelu=bool(quick_gelu))
     build_cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
+    custom = bool(model_cfg.get("custom_text") or "hf_model_name" in (model_cfg.get("text_cfg") or {}))
+    _check_declared_size(custom, build_cfg, state_dict, path)
     try:
-        if model_cfg.get("custom_text") or "hf_model_name" in model_cfg.get("text_cfg", {}):
-            clip = open_clip.CustomTextCLIP(**build_cfg)
-        else:
-            clip = open_clip.CLIP(**build_cfg)
+        clip = open_clip.CustomTextCLIP(**build_cfg) if custom else open_clip.CLIP(**build_cfg)
     except (TypeError, ValueError, AssertionError) as exc:
         raise BicmError(f"cannot build a model from the config of {path}: {exc}") from None
     _load_state_dict(clip, state_dict, path, contents.optional)
@@ -215,6 +215,43 @@ def load_from_file(path: Path, arch: Optional[str], quick_gelu: Optional[bool]) 
     spec_cfg.update(preprocess_cfg)
     spec = PreprocessSpec.from_open_clip(spec_cfg)
     return LoadedModel(clip, model_cfg, spec, f"file:{path.name}", tokenizer_name)
+
+
+#: A model may hold this much more than the file's tensors (buffers no file stores, such as
+#: the text tower's attention mask).
+_DECLARED_SLACK = 64 << 20
+
+
+def _check_declared_size(custom: bool, build_cfg: dict[str, Any], state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse an architecture that would hold more than the file's tensors, before building it.
+
+    The config comes from the file (or beside it) and a few bytes of it can ask for gigabytes
+    (``width: 8192``): the model is first built on the meta device (no memory), and its
+    parameters and buffers compared with the bytes the file really stores, as fp32.
+    """
+    import open_clip
+
+    from .safeload import stored_bytes
+
+    layers = 0
+    for tower in ("vision_cfg", "text_cfg"):
+        value = (build_cfg.get(tower) or {}).get("layers", 0) if isinstance(build_cfg.get(tower), dict) else 0
+        layers += sum(value) if isinstance(value, (list, tuple)) else value if isinstance(value, int) else 0
+    if layers > len(state):  # every layer holds tensors: more layers than tensors cannot fit
+        raise BicmError(f"checkpoint {path.name} does not fit the architecture: {layers} layers, {len(state)} tensors in the file")
+    try:
+        with torch.device("meta"):
+            probe = open_clip.CustomTextCLIP(**build_cfg) if custom else open_clip.CLIP(**build_cfg)
+        declared = sum(t.numel() for t in list(probe.parameters()) + list(probe.buffers())) * 4
+    except (TypeError, ValueError, AssertionError, RuntimeError, OverflowError) as exc:
+        raise BicmError(f"cannot build a model from the config of {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+    held = sum(t.numel() for t in state.values()) * 4
+    held = min(held, 2 * stored_bytes(state.values()))  # views of one storage count once (fp16 files: x2)
+    if declared > held + _DECLARED_SLACK:
+        raise BicmError(
+            f"checkpoint {path.name} does not fit the architecture: the config asks for "
+            f"{declared / 2**20:,.0f} MB of weights, the file holds {held / 2**20:,.0f} MB (nothing was built)"
+        )
 
 
 @dataclass
@@ -264,8 +301,11 @@ def read_state_dict(path: Path) -> CheckpointContents:
             is_torchscript_file = True
             state, optional = read_torchscript(path)
         else:
-            check_torch_file(path)
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            try:
+                loaded = read_torch_file(path, "checkpoint")  # capped: no memory bombs, nothing run
+            except BicmError as exc:
+                detail = str(exc).replace(f"refusing to read {path}: ", "refusing its pickle: ").replace(f"cannot read {path}: ", "")
+                raise BicmError(f"cannot read checkpoint {path}: {detail}") from None
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
                 loaded = loaded["state_dict"]
             if not isinstance(loaded, Mapping):

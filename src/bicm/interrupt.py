@@ -128,22 +128,25 @@ def state_path(out: Union[str, Path]) -> Path:
 def load_state(path: Path, fmt: str, settings: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The training state saved at ``path`` by :func:`save_state`, or None when there is none.
 
-    Read with ``torch.load(weights_only=True)`` (tensors and plain containers only: no code
-    runs). Raises :class:`~bicm.errors.BicmError` when the file is unreadable, of another
-    format, or saved with other ``settings`` (naming the ones that differ).
+    Read with bicm's capped torch reader (:func:`bicm.safeload.read_torch_file`: tensors and
+    plain containers only, within a memory budget; no code runs). Raises
+    :class:`~bicm.errors.BicmError` when the file is unreadable, of another format, or saved
+    with other ``settings`` (naming the ones that differ).
     """
-    import torch
-
     from .errors import BicmError
 
-    from .safeload import check_torch_file, regular_file
+    from .safeload import read_torch_file, regular_file
 
     if not path.exists():
         return None
     regular_file(path, "training state")
-    check_torch_file(path)  # torch's allow-list can build gigabytes from a few bytes
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = read_torch_file(path, "training state", needs="training states")  # torch's allow-list can build gigabytes
+    except BicmError as exc:
+        detail = str(exc).replace(f"cannot read {path}: ", "")
+        if str(exc).startswith("refusing"):
+            raise BicmError(f"{exc}; delete it to start over") from None
+        raise BicmError(f"cannot read the training state {path} ({detail}); delete it to start over") from None
     except Exception as exc:
         raise BicmError(f"cannot read the training state {path} ({type(exc).__name__}); delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != fmt or not isinstance(state.get("settings"), dict):

@@ -236,6 +236,18 @@ class KamModel:
                 f"{path}: weights do not match the recorded config (hidden={config.hidden}, embed_dim={embed_dim}; "
                 f"first layer {shape})"
             )
+        # every declared size, not only the first layer's, is checked against the file's tensors
+        # on the meta device (no memory) before the real layers are allocated
+        with torch.device("meta"):
+            probe = KamMLP(embed_dim, config.hidden)
+        wanted = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if wanted != found:
+            bad = next((k for k in wanted if wanted[k] != found.get(k)), None) or next(iter(set(found) - set(wanted)), "?")
+            raise BicmError(
+                f"{path}: weights do not match the recorded config (hidden={config.hidden}, embed_dim={embed_dim}; "
+                f"{bad}: {found.get(bad)} in the file, {wanted.get(bad)} declared)"
+            )
         mlp = KamMLP(embed_dim, config.hidden)
         try:
             mlp.load_state_dict(state)

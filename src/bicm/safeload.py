@@ -21,6 +21,7 @@ Three guards every file reader in bicm goes through:
 from __future__ import annotations
 
 import ast
+import builtins
 import codecs
 import io
 import os
@@ -30,7 +31,7 @@ import re
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from .errors import BicmError
 
@@ -196,6 +197,519 @@ def check_torch_file(path: Path, source: Optional[str] = None) -> None:
             check_pickle(handle, source, n_pickles=6)
 
 
+# --------------------------------------------------------------------------- capped unpickling
+
+_BUILTIN_TYPES = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int",
+                  "list", "set", "str", "tuple")
+
+def _sized(kind: type) -> Any:
+    """``bytes``/``bytearray`` that refuse a size argument: ``bytearray(10**12)`` in a pickle is
+    a memory bomb (data pickles rebuild them from their contents, never from a size)."""
+
+    def build(*args: Any) -> Any:
+        if args and isinstance(args[0], int):
+            raise BicmError(f"refusing to read a pickle that asks for {kind.__name__}({args[0]}) (a size, not data)")
+        return kind(*args)
+
+    return build
+
+
+def _refuse(what: str) -> BicmError:
+    return BicmError(f"refusing to read a pickle that asks for {what}, which builds a large object from a small input")
+
+
+def _text_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` for what protocol-2 pickles need (``bytes`` as latin-1 text) only:
+    bytes-to-bytes codecs (``hex`` doubles its input; nested, a few bytes ask for gigabytes) are refused."""
+    if not isinstance(obj, str) or not isinstance(encoding, str) or not isinstance(errors, str):
+        raise _refuse(f"_codecs.encode({type(obj).__name__}, ...)")
+    import codecs
+
+    try:
+        info = codecs.lookup(encoding)
+    except LookupError:
+        raise BicmError(f"refusing to read a pickle that asks for the unknown codec {encoding[:40]!r}") from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise _refuse(f"_codecs.encode(..., {encoding[:40]!r})")
+    return __import__("_codecs").encode(obj, encoding, errors)
+
+
+def _plain_str(*args: Any) -> str:
+    """``str`` of text or bytes only: ``str`` of a container is its repr, which repeats shared
+    objects and so turns a few bytes of memo references into gigabytes."""
+    if not args:
+        return ""
+    if isinstance(args[0], str) and len(args) == 1:
+        return args[0]
+    if isinstance(args[0], (bytes, bytearray)) and len(args) >= 2:
+        return str(*args)
+    if isinstance(args[0], (int, float)) and len(args) == 1:
+        return str(args[0])
+    raise _refuse(f"str({type(args[0]).__name__})")
+
+
+#: Names a pickle of plain Python data may need (``__builtin__`` is Python 2's module name;
+#: ``_codecs.encode`` is how protocol-2 pickles rebuild ``bytes``).
+BUILTIN_NAMES: dict[str, Any] = {
+    **{f"{m}.{t}": getattr(builtins, t) for m in ("builtins", "__builtin__") for t in _BUILTIN_TYPES},
+    **{f"{m}.{t.__name__}": _sized(t) for m in ("builtins", "__builtin__") for t in (bytes, bytearray)},
+    "builtins.str": _plain_str,
+    "__builtin__.str": _plain_str,
+    "__builtin__.unicode": _plain_str,
+    "__builtin__.long": int,
+    "_codecs.encode": _text_encode,
+}
+
+
+MB = 1 << 20
+
+#: What one new object of a container built by an allowed call may cost beyond its slot: the
+#: items of ``list(text)`` are new one-character strings (cached only for Latin-1).
+_NEW_ITEM_BYTES = 80
+
+
+def _built_size(value: Any, args: tuple[Any, ...] = ()) -> int:
+    """About how many bytes an object built by an allowed callable holds: the container itself
+    (``sys.getsizeof``: a set or dict table is several times 8 bytes an item), plus new items
+    when it was made by iterating text (what it refers to otherwise was built, and counted, before)."""
+    import sys
+
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value) + 64
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        size = sys.getsizeof(value)
+        if any(isinstance(a, (str, bytes, bytearray)) for a in args):
+            size += _NEW_ITEM_BYTES * len(value)
+        return size
+    nbytes = getattr(value, "nbytes", None)
+    return int(nbytes) + 64 if isinstance(nbytes, int) else 64
+
+
+def pickle_budget(pickle_bytes: int) -> int:
+    """What the calls of a pickle of ``pickle_bytes`` bytes may build in all: 64 MB + 16 x its size."""
+    return 64 * MB + 16 * max(int(pickle_bytes), 0)
+
+
+class CappedUnpickler(pickle.Unpickler):
+    """The C unpickler, restricted to the names of ``allowed``, whose calls may build at most
+    :func:`pickle_budget` of ``size`` bytes in all.
+
+    Every allowed callable copies at most a few times its input, but the memo lets a pickle
+    pass one large container to thousands of calls for two bytes each (``set(s)``,
+    ``OrderedDict(s)``, ``torch.Size(s)``...): without a total, a 1 MB file could still ask for
+    gigabytes. Subclasses charge what else they build (:meth:`charge`).
+    """
+
+    #: what the refusal says the file's kind never needs
+    needs = "model weights"
+
+    def __init__(self, file: Any, allowed: Mapping[str, Any], source: str, size: int = 0, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._allowed = allowed
+        self._source = source
+        self._budget = pickle_budget(size)
+        self._spent = 0
+
+    def charge(self, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` built for ``what`` against the budget; refuse past it."""
+        self._spent += max(int(nbytes), 0)
+        if self._spent > self._budget:
+            raise BicmError(
+                f"refusing to read {self._source}: its calls ({what} and others) build more than "
+                f"{self._budget // MB} MB from the file (nothing from the file was run)"
+            )
+
+    def _counted(self, func: Any, key: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = func(*args, **kwargs)
+            self.charge(_built_size(result, args), key)
+            return result
+
+        return call
+
+    def refuse_name(self, key: str) -> BicmError:
+        return BicmError(
+            f"refusing to read {self._source}: it asks for {key}, which {self.needs} never need "
+            "(nothing from the file was run)"
+        )
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = f"{module}.{name}"
+        if key in self._allowed:
+            found = self._allowed[key]
+            return found if getattr(found, "bicm_argument", False) else self._counted(found, key)
+        raise self.refuse_name(key)
+
+
+# --------------------------------------------------------------------------- torch.save files
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+
+_TORCH_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+                 "complex64", "complex128", "float", "double", "half", "long", "int", "short")
+
+
+class _StorageType:
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = dtype
+
+
+class _Storage:
+    """A storage from the file: its flat tensor (``None`` when only scanning) and element count.
+    No ``__dict__``, and ``__setstate__`` refuses: a BUILD cannot grow it."""
+
+    __slots__ = ("flat", "numel", "dtype", "claimed")
+
+    def __init__(self, flat: Any, numel: int, dtype: Any) -> None:
+        self.flat, self.numel, self.dtype, self.claimed = flat, numel, dtype, 0
+
+    def __setstate__(self, state: Any) -> None:
+        raise BicmError("a storage in the file is given a state (torch never writes one)")
+
+
+class _Scanned:
+    """What a tensor reads as while a legacy file is only scanned: nothing to BUILD on."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise BicmError("a tensor in the file is given a state (torch never writes one)")
+
+
+def _no_build(state: Any) -> None:
+    raise BicmError("a tensor in the file is given a state (torch never writes one)")
+
+
+class TorchUnpickler(CappedUnpickler):
+    """Reads the pickle of a ``torch.save`` file within :func:`pickle_budget`; nothing is run.
+
+    Knows tensors (``_rebuild_tensor_v2``/``_rebuild_parameter`` over the ``('storage', type,
+    key, location, numel)`` references of the pickle, read from ``storage(key, dtype, numel)``),
+    ``collections.OrderedDict`` (a BUILD on one, as state dicts carry their ``_metadata``, is
+    counted), ``torch.Size``, ``torch.device``, torch dtypes, the names of ``allowed`` (plain
+    containers by default) and nothing else. A tensor must lie inside its storage, and views of
+    one storage larger in all than it are counted against the budget (they become memory as soon
+    as anything copies them). ``storage=None`` only scans: tensors are placeholders.
+    """
+
+    def __init__(self, data: Any, source: str, storage: Optional[Any], allowed: Optional[Mapping[str, Any]] = None,
+                 size: Optional[int] = None, needs: str = "model weights") -> None:
+        stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+        if size is None:
+            size = len(data) if isinstance(data, (bytes, bytearray)) else 0
+        super().__init__(stream, BUILTIN_NAMES if allowed is None else allowed, source,
+                         size, encoding="utf-8")
+        self.needs = needs
+        self._storage_reader = storage
+        self._storages: dict[str, _Storage] = {}
+        self._guarded: list[Any] = []
+
+    # -- names
+    def find_class(self, module: str, name: str) -> Any:
+        import collections
+
+        import torch
+
+        key = f"{module}.{name}"
+        if key in ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor"):
+            return self._rebuild_tensor
+        if key == "torch._utils._rebuild_parameter":
+            return self._rebuild_parameter
+        if key == "torch._utils._rebuild_parameter_with_state":
+            return self._rebuild_parameter_with_state
+        if key == "torch._tensor._rebuild_from_type_v2":
+            return self._rebuild_from_type_v2
+        if key == "collections.OrderedDict":
+            return self._counted(self._ordered_dict, key)
+        if key == "torch.Size":
+            return self._counted(torch.Size, key)
+        if key == "torch.device":
+            return self._counted(self._device, key)
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(getattr(torch, _STORAGE_DTYPES[name]))
+        if module == "torch" and name in _TORCH_DTYPES:
+            return getattr(torch, name)
+        if key in ("torch.Tensor", "torch.nn.parameter.Parameter"):
+            return {"torch.Tensor": torch.Tensor, "torch.nn.parameter.Parameter": torch.nn.Parameter}[key]
+        return super().find_class(module, name)
+
+    @staticmethod
+    def _device(spec: Any, index: Any = None) -> Any:
+        import torch
+
+        if not isinstance(spec, (str, int)) or (isinstance(spec, str) and len(spec) > 32):
+            raise BicmError("a device in the file is not a short name")
+        return torch.device(spec) if index is None else torch.device(spec, index)
+
+    def _guard(self, obj: Any, setstate: Any) -> Any:
+        """Give ``obj`` its own ``__setstate__`` for the load (a BUILD looks it up on the
+        instance first); :meth:`load` takes it off again."""
+        obj.__setstate__ = setstate
+        self._guarded.append(obj)
+        return obj
+
+    def _ordered_dict(self, *args: Any) -> Any:
+        import collections
+        import sys
+
+        made = collections.OrderedDict(*args)
+
+        def setstate(state: Any) -> None:
+            # what torch's own loader does for an OrderedDict (its `_metadata`), counted: a memo
+            # lets one large state be given to thousands of them
+            if not isinstance(state, dict):
+                raise BicmError("an OrderedDict in the file is given a state that is not a dict")
+            self.charge(sys.getsizeof(state), "collections.OrderedDict (its state)")
+            made.__dict__.update({k: v for k, v in state.items() if k != "__setstate__"})
+
+        return self._guard(made, setstate)
+
+    # -- tensors
+    def persistent_load(self, pid: Any) -> Any:
+        import torch
+
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise BicmError(f"cannot read {self._source}: unknown storage reference in its pickle")
+        kind, key, numel = pid[1], str(pid[2]), pid[4]
+        if len(key) > 64 or isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise BicmError(f"cannot read {self._source}: malformed storage reference in its pickle")
+        found = self._storages.get(key)
+        if found is not None:
+            if found.dtype != kind.dtype or found.numel != numel:
+                raise BicmError(f"cannot read {self._source}: storage {key} is referred to with two sizes")
+            return found
+        self.charge(256, "a storage")
+        flat = None if self._storage_reader is None else self._storage_reader(key, kind.dtype, numel)
+        made = _Storage(flat, numel, kind.dtype)
+        self._storages[key] = made
+        return made
+
+    def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                        hooks: Any = None, metadata: Any = None) -> Any:
+        import torch
+
+        if not isinstance(storage, _Storage):
+            raise BicmError(f"cannot read {self._source}: a tensor does not refer to a storage")
+        ints = lambda v: isinstance(v, (tuple, list)) and len(v) <= 64 and all(type(i) is int for i in v)  # noqa: E731
+        if not (ints(size) and ints(stride) and len(size) == len(stride) and type(offset) is int):
+            raise BicmError(f"cannot read {self._source}: a tensor has a malformed size or stride")
+        if any(i < 0 for i in size) or any(i < 0 for i in stride) or offset < 0:
+            raise BicmError(f"cannot read {self._source}: a tensor has a negative size, stride or offset")
+        numel = 1
+        for i in size:
+            numel *= i
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else 0
+        if numel and last >= storage.numel:
+            raise BicmError(
+                f"cannot read {self._source}: a tensor of shape {tuple(size)} does not fit in its storage of "
+                f"{storage.numel:,} elements"
+            )
+        itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        self.charge(256 + 16 * len(size), "a tensor")
+        # views of one storage beyond its size become memory as soon as something copies them
+        storage.claimed += numel
+        if storage.claimed > storage.numel:
+            self.charge(numel * itemsize if storage.claimed - numel >= storage.numel else
+                        (storage.claimed - storage.numel) * itemsize, "tensors sharing one storage")
+        if storage.flat is None:
+            return _Scanned()
+        try:
+            tensor = storage.flat.as_strided(tuple(size), tuple(stride), offset)
+            if requires_grad is True:
+                tensor.requires_grad_(True)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise BicmError(f"cannot read {self._source}: a tensor does not fit its storage ({str(exc).splitlines()[0][:120]})") from None
+        return self._guard(tensor, _no_build)
+
+    def _rebuild_parameter(self, data: Any, requires_grad: Any = True, hooks: Any = None) -> Any:
+        import torch
+
+        if isinstance(data, _Scanned):
+            return data
+        if not isinstance(data, torch.Tensor):
+            raise BicmError(f"cannot read {self._source}: a parameter holds no tensor")
+        self.charge(256, "a parameter")
+        return self._guard(torch.nn.Parameter(data, requires_grad=bool(requires_grad)), _no_build)
+
+    def _set_state(self, obj: Any, state: Any) -> Any:
+        import sys
+
+        if state is None or isinstance(obj, _Scanned):
+            return obj
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
+        for part in parts:
+            if part is None:
+                continue
+            if not isinstance(part, dict) or not all(isinstance(k, str) for k in part):
+                raise BicmError(f"cannot read {self._source}: a tensor's attributes are not a dict of names")
+            self.charge(sys.getsizeof(part) + 64 * len(part), "a tensor's attributes")
+            for k, v in part.items():
+                if k.startswith("__"):
+                    raise BicmError(f"cannot read {self._source}: a tensor's attributes name {k[:40]!r}")
+                setattr(obj, k, v)
+        return obj
+
+    def _rebuild_parameter_with_state(self, data: Any, requires_grad: Any, hooks: Any, state: Any) -> Any:
+        return self._set_state(self._rebuild_parameter(data, requires_grad, hooks), state)
+
+    def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
+        import torch
+
+        if func not in (self._rebuild_tensor, self._rebuild_parameter) or not isinstance(args, tuple):
+            raise BicmError(f"cannot read {self._source}: a tensor is rebuilt by something other than torch's tensor rebuild")
+        made = func(*args)
+        if new_type is torch.nn.Parameter and isinstance(made, torch.Tensor) and not isinstance(made, torch.nn.Parameter):
+            made = self._guard(torch.nn.Parameter(made, requires_grad=made.requires_grad), _no_build)
+        elif new_type not in (torch.Tensor, torch.nn.Parameter):
+            raise BicmError(f"cannot read {self._source}: a tensor of type {getattr(new_type, '__name__', '?')}, which {self.needs} never need")
+        return self._set_state(made, state)
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        finally:
+            for obj in self._guarded:
+                try:
+                    del obj.__setstate__
+                except AttributeError:
+                    pass
+            self._guarded.clear()
+
+
+def _storage_from_zip(archive: zipfile.ZipFile, prefix: str, source: str, charge: Any) -> Any:
+    def read(key: str, dtype: Any, numel: int) -> Any:
+        import torch
+
+        record = f"{prefix}/data/{key}"
+        try:
+            info = archive.getinfo(record)
+        except KeyError:
+            raise BicmError(f"cannot read {source}: storage record {record} is missing") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if info.file_size != numel * itemsize:
+            raise BicmError(
+                f"cannot read {source}: storage record {record} holds {info.file_size:,} bytes, "
+                f"not the {numel:,} elements its pickle claims"
+            )
+        charge(info.file_size - info.compress_size, f"the compressed record {record}")
+        if not numel:
+            return torch.empty(0, dtype=dtype)
+        raw = bytearray(info.file_size)
+        with archive.open(info) as handle:
+            if handle.readinto(raw) != info.file_size:
+                raise BicmError(f"cannot read {source}: storage record {record} is truncated")
+        return torch.frombuffer(raw, dtype=dtype)
+
+    return read
+
+
+def _torch_zip_pickle(archive: zipfile.ZipFile, path: Path) -> tuple[str, zipfile.ZipInfo]:
+    pickles = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+    if len(pickles) != 1:
+        raise BicmError(f"cannot read {path}: a torch zip file holds one data.pkl, found {len(pickles)}")
+    prefix = pickles[0].filename.rsplit("/", 1)[0]
+    if f"{prefix}/byteorder" in archive.namelist():
+        order = archive.read(f"{prefix}/byteorder")[:16].decode("ascii", "replace").strip()
+        if order != "little":
+            raise BicmError(f"cannot read {path}: its tensors are stored {order}-endian")
+    return prefix, pickles[0]
+
+
+def read_torch_file(path: Union[str, Path], what: str = "file", allowed: Optional[Mapping[str, Any]] = None,
+                    needs: str = "model weights", torch_globals: Any = ()) -> Any:
+    """The object a ``torch.save`` file holds (tensors on the CPU), read within a memory budget.
+
+    Zip files (torch >= 1.6) are read by :class:`TorchUnpickler` itself: tensors are views of
+    the ``data/`` records, checked against them, and everything the pickle builds counts
+    against :func:`pickle_budget` of its size. Legacy files (a chain of pickles with the
+    storages after them) are scanned by the same unpickler first, tensors as placeholders, and
+    only then handed to ``torch.load(weights_only=True)``, which then builds no more than the
+    scan allowed. ``allowed``: the names beyond torch's the pickle may use (plain containers by
+    default; ``torch_globals``: the same for ``torch.load``). Raises a one-line :class:`BicmError` for what it refuses; other failures
+    (a broken file) are raised as they come, for the caller to word.
+    """
+    path = regular_file(path, what)
+    source = str(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                _zip_entries(path, archive)
+                prefix, info = _torch_zip_pickle(archive, path)
+                data = archive.read(info)
+                unpickler = TorchUnpickler(data, source, None, allowed, size=min(len(data), info.compress_size or len(data)),
+                                           needs=needs)
+                unpickler.charge(len(data) - info.compress_size, "its compressed pickle")
+                unpickler._storage_reader = _storage_from_zip(archive, prefix, source, unpickler.charge)
+                return _load(unpickler, path)
+        except zipfile.BadZipFile as exc:
+            raise BicmError(f"cannot read {path}: broken zip archive ({exc})") from None
+    return _scan_legacy(path, source, allowed, needs, torch_globals)
+
+
+def _scan_legacy(path: Path, source: str, allowed: Optional[Mapping[str, Any]], needs: str, torch_globals: Any) -> Any:
+    """A legacy ``torch.save`` file: its pickles scanned within the budget (tensors as
+    placeholders, storages declared no larger than the file), then ``torch.load``."""
+    import torch
+
+    check_torch_file(path, source)
+    with open(path, "rb") as handle:
+        data = handle.read(64 * MB)  # the pickles come first; the storages after them are not read here
+    # magic number, protocol version, system info, the object; anything else is one pickle
+    count = 4 if data.startswith(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.") else 1
+    ends, stream = [], io.BytesIO(data)
+    try:
+        for _ in range(count):
+            for _op in pickletools.genops(stream):
+                pass
+            ends.append(stream.tell())
+    except Exception as exc:
+        raise BicmError(f"cannot read {path}: broken pickle ({type(exc).__name__}: {str(exc)[:120]})") from None
+    declared = [0]
+
+    def scan(key: str, dtype: Any, numel: int) -> None:
+        declared[0] += numel * torch.empty((), dtype=dtype).element_size()
+
+    stream = io.BytesIO(data[: ends[-1]])
+    for _ in range(count):
+        unpickler = TorchUnpickler(stream, source, None, allowed, size=ends[-1], needs=needs)
+        unpickler._storage_reader = scan
+        _load(unpickler, path)
+    if declared[0] > path.stat().st_size:
+        raise BicmError(
+            f"cannot read {path}: its pickle declares {declared[0]:,} bytes of tensors, more than the file holds "
+            "(nothing from the file was run)"
+        )
+    with torch.serialization.safe_globals(list(torch_globals)):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _load(unpickler: TorchUnpickler, path: Path) -> Any:
+    try:
+        return unpickler.load()
+    except (BicmError, MemoryError):
+        raise
+    except RecursionError:
+        raise BicmError(f"cannot read {path}: its pickle is nested too deeply") from None
+    except Exception as exc:
+        raise BicmError(f"cannot read {path}: broken pickle ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def stored_bytes(tensors: Any) -> int:
+    """The bytes of distinct storage behind ``tensors`` (views of one storage count once)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr() or id(storage)] = max(seen.get(storage.data_ptr() or id(storage), 0), storage.nbytes())
+    return sum(seen.values())
+
+
 # --------------------------------------------------------------------------- TorchScript
 
 def is_torchscript(path: Path) -> bool:
@@ -209,13 +723,6 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-_STORAGE_DTYPES = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
-    "ByteStorage": "uint8", "BoolStorage": "bool",
-}
-
-
 class ScriptObject:
     """Placeholder for an object of a TorchScript class: its attributes, nothing callable."""
 
@@ -227,11 +734,6 @@ class ScriptObject:
     @property
     def state(self) -> Any:
         return self.__dict__.get("_state", {})
-
-
-class _StorageType:
-    def __init__(self, dtype: Any) -> None:
-        self.dtype = dtype
 
 
 def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_ignored: Any) -> Any:

@@ -16,13 +16,12 @@ Three containers are read:
 They are read with a restricted :class:`pickle.Unpickler` (the C one: the 3 MB RefCOCO split
 loads in 0.2 s, against 1.3-1.6 s for ``torch.load(weights_only=True)``, whose unpickler is
 pure Python). Only when the object holds torch tensors (it names ``torch.*`` rebuild functions or
-persistent storage ids) does the reader hand the file to ``torch.load(weights_only=True)``,
-whose own allow-list covers tensors, with the same numpy names added.
+persistent storage ids) does the reader hand the file to bicm's capped torch reader
+(:func:`bicm.safeload.read_torch_file`), which knows tensors, with the same numpy names added.
 """
 
 from __future__ import annotations
 
-import builtins
 import io
 import pickle
 import re
@@ -31,74 +30,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BicmError
-from ..safeload import check_torch_file, regular_file
+from ..safeload import BUILTIN_NAMES, MB, CappedUnpickler, _refuse, read_torch_file, regular_file
 
 __all__ = ["BUILTIN_NAMES", "NUMPY_NAMES", "load_pickle", "load_torch_file"]
 
 # pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2): how a legacy torch.save file starts.
 _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
-
-_BUILTIN_TYPES = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int",
-                  "list", "set", "str", "tuple")
-
-def _sized(kind: type) -> Any:
-    """``bytes``/``bytearray`` that refuse a size argument: ``bytearray(10**12)`` in a pickle is
-    a memory bomb (data pickles rebuild them from their contents, never from a size)."""
-
-    def build(*args: Any) -> Any:
-        if args and isinstance(args[0], int):
-            raise BicmError(f"refusing to read a pickle that asks for {kind.__name__}({args[0]}) (a size, not data)")
-        return kind(*args)
-
-    return build
-
-
-def _refuse(what: str) -> BicmError:
-    return BicmError(f"refusing to read a pickle that asks for {what}, which builds a large object from a small input")
-
-
-def _text_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """``_codecs.encode`` for what protocol-2 pickles need (``bytes`` as latin-1 text) only:
-    bytes-to-bytes codecs (``hex`` doubles its input; nested, a few bytes ask for gigabytes) are refused."""
-    if not isinstance(obj, str) or not isinstance(encoding, str) or not isinstance(errors, str):
-        raise _refuse(f"_codecs.encode({type(obj).__name__}, ...)")
-    import codecs
-
-    try:
-        info = codecs.lookup(encoding)
-    except LookupError:
-        raise BicmError(f"refusing to read a pickle that asks for the unknown codec {encoding[:40]!r}") from None
-    if not getattr(info, "_is_text_encoding", True):
-        raise _refuse(f"_codecs.encode(..., {encoding[:40]!r})")
-    return __import__("_codecs").encode(obj, encoding, errors)
-
-
-def _plain_str(*args: Any) -> str:
-    """``str`` of text or bytes only: ``str`` of a container is its repr, which repeats shared
-    objects and so turns a few bytes of memo references into gigabytes."""
-    if not args:
-        return ""
-    if isinstance(args[0], str) and len(args) == 1:
-        return args[0]
-    if isinstance(args[0], (bytes, bytearray)) and len(args) >= 2:
-        return str(*args)
-    if isinstance(args[0], (int, float)) and len(args) == 1:
-        return str(args[0])
-    raise _refuse(f"str({type(args[0]).__name__})")
-
-
-#: Names a pickle of plain Python data may need (``__builtin__`` is Python 2's module name;
-#: ``_codecs.encode`` is how protocol-2 pickles rebuild ``bytes``).
-BUILTIN_NAMES: dict[str, Any] = {
-    **{f"{m}.{t}": getattr(builtins, t) for m in ("builtins", "__builtin__") for t in _BUILTIN_TYPES},
-    **{f"{m}.{t.__name__}": _sized(t) for m in ("builtins", "__builtin__") for t in (bytes, bytearray)},
-    "builtins.str": _plain_str,
-    "__builtin__.str": _plain_str,
-    "__builtin__.unicode": _plain_str,
-    "__builtin__.long": int,
-    "_codecs.encode": _text_encode,
-}
-
 
 def _numpy_names() -> dict[str, Any]:
     """Allow-list that rebuilds numeric numpy arrays and scalars (numpy 1 and 2 names)."""
@@ -148,60 +85,17 @@ class _HoldsTensors(Exception):
     """The pickle refers to torch storages: only ``torch.load`` can rebuild those."""
 
 
-MB = 1 << 20
+class _RestrictedUnpickler(CappedUnpickler):
+    """bicm's capped unpickler (:class:`~bicm.safeload.CappedUnpickler`: only the names of
+    ``allowed``, at most ``64 MB + 16 x the file's size`` built in all) for annotation data:
+    a pickle that refers to torch goes to the torch reader instead."""
 
-
-def _built_size(value: Any) -> int:
-    """About how many bytes an object built by an allowed callable holds (itself, not what it
-    refers to: those were built, and counted, before)."""
-    if isinstance(value, (str, bytes, bytearray)):
-        return len(value)
-    if isinstance(value, (list, tuple, set, frozenset, dict)):
-        return 8 * len(value) + 64
-    nbytes = getattr(value, "nbytes", None)
-    return int(nbytes) if isinstance(nbytes, int) else 64
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that can only look up the names of ``allowed``, and whose calls may build
-    at most ``64 MB + 16 x the file's size`` in all.
-
-    Every allowed callable copies at most a few times its input, but the memo lets a pickle
-    pass one large string to thousands of calls for two bytes each (``list(s)``, ``bytearray(s)``...):
-    without a total, a 1 MB file could still ask for gigabytes.
-    """
-
-    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[str, Any], source: str, size: int = 0, **kwargs: Any):
-        super().__init__(file, **kwargs)
-        self._allowed = allowed
-        self._source = source
-        self._budget = 64 * MB + 16 * size
-        self._spent = 0
-
-    def _counted(self, func: Any, key: str) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            result = func(*args, **kwargs)
-            self._spent += _built_size(result)
-            if self._spent > self._budget:
-                raise BicmError(
-                    f"refusing to read {self._source}: its calls ({key} and others) build more than "
-                    f"{self._budget // MB} MB from the file (nothing from the file was run)"
-                )
-            return result
-
-        return call
+    needs = "annotation data"
 
     def find_class(self, module: str, name: str) -> Any:
-        key = f"{module}.{name}"
-        if key in self._allowed:
-            found = self._allowed[key]
-            return found if getattr(found, "bicm_argument", False) else self._counted(found, key)
-        if module == "torch" or module.startswith("torch."):
-            raise _HoldsTensors()  # torch.load(weights_only=True) decides on torch's own names
-        raise BicmError(
-            f"refusing to read {self._source}: it asks for {key}, which annotation data never needs "
-            "(nothing from the file was run)"
-        )
+        if f"{module}.{name}" not in self._allowed and (module == "torch" or module.startswith("torch.")):
+            raise _HoldsTensors()  # the torch reader decides on torch's own names
+        return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         raise _HoldsTensors()
@@ -289,18 +183,20 @@ def _zip_data_pkl(data: bytes, path: Path) -> bytes:
 
 
 def _torch_load(path: Path, allowed: Mapping[str, Any]) -> Any:
-    """``torch.load(weights_only=True)`` with ``allowed`` added to torch's own allow-list."""
+    """A ``torch.save`` file holding tensors, read by bicm's capped torch reader
+    (:func:`~bicm.safeload.read_torch_file`) with ``allowed`` added to torch's names."""
     import torch
 
+    # for a legacy file, which torch.load reads after the capped scan: torch only BUILDs objects
+    # of allowed types; "numpy.ndarray" itself resolves to a stand-in that cannot be called, so
+    # the real type goes in under a name GLOBAL (one line) cannot spell
     extra = [(obj, name) for name, obj in allowed.items() if not name.startswith(("builtins.", "__builtin__.", "_codecs."))]
     extra += _numpy_dtype_classes()
-    # torch only BUILDs objects of allowed types; "numpy.ndarray" itself resolves to a stand-in
-    # that cannot be called, so the real type goes in under a name GLOBAL (one line) cannot spell
     extra.append((__import__("numpy").ndarray, "numpy.ndarray\n(built by _reconstruct, never looked up)"))
-    check_torch_file(path)  # torch's allow-list holds bytearray(size) and _codecs.encode(hex): memory bombs
     try:
-        with torch.serialization.safe_globals(extra):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return read_torch_file(path, "annotation file", allowed, needs="annotation data", torch_globals=extra)
+    except BicmError:
+        raise
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
         what = found.group(1) if found else "a name outside the allow-list"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..devices import resolve_device
 from ..errors import BicmError
-from ..safeload import check_torch_file, regular_file
+from ..safeload import read_torch_file, regular_file
 from . import Proposals
 from .rcnn import steady_rcnn
 from .sources import ProposalSource, register_source
@@ -79,8 +79,8 @@ class FasterRCNN(ProposalSource):
             regular_file(path, "detector checkpoint", missing=f"detector checkpoint not found: {path}")
             model = builder(weights=None, weights_backbone=None, num_classes=len(self.categories), **heads)
             try:
-                check_torch_file(path)  # torch's allow-list can build gigabytes from a few bytes
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
+                # bicm's capped reader: torch's own weights_only allow-list can build gigabytes from a few bytes
+                state = read_torch_file(path, "detector checkpoint")
                 if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                     state = state["model"]
                 model.load_state_dict(state)
