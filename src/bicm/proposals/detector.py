@@ -84,7 +84,10 @@ class FasterRCNN(ProposalSource):
                 if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                     state = state["model"]
                 model.load_state_dict(state)
-            except BicmError:
+            except BicmError as exc:
+                text = str(exc)
+                if text.startswith("cannot read"):  # unreadable, not refused: say which file it was meant to be
+                    raise BicmError(f"cannot load detector checkpoint {path}: {text.split(': ', 1)[-1]}") from None
                 raise
             except Exception as exc:
                 detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

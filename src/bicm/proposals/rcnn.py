@@ -57,6 +57,10 @@ def pin_roi_scales(model: nn.Module) -> nn.Module:
             features = model.backbone(torch.zeros(1, 3, _PROBE_SIDE, _PROBE_SIDE, dtype=param.dtype, device=param.device))
     finally:
         model.train(was_training)
+    if isinstance(features, torch.Tensor):
+        features = {"0": features}
+    if any(name not in features for name in pooler.featmap_names):
+        return model  # a backbone the pooler does not fit as built: left to torchvision's own first-call setup
     levels = [features[name] for name in pooler.featmap_names]
     pooler.scales, pooler.map_levels = _setup_scales(levels, [(_PROBE_SIDE, _PROBE_SIDE)], pooler.canonical_scale, pooler.canonical_level)
     return model
